@@ -1,0 +1,200 @@
+"""``hybridcn`` command line: thin commands over the preprocessing, training, export and gateway layers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hybridcn.profiles import PROFILES
+
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from hybridcn.synth import write_dataset
+
+    out = write_dataset(args.out, per_class=args.per_class, size=args.size, seed=args.seed)
+    print(f"wrote {args.per_class * 4} synthetic fields to {out}")
+    return 0
+
+
+def _options(args: argparse.Namespace):
+    from training.pipeline import TrainOptions
+
+    options = TrainOptions(seed=args.seed, progress=sys.stderr.isatty())
+    for name in ("seg_epochs", "backbone_epochs", "head_epochs", "batch_size", "device", "workers"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(options, name, value)
+    return options
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.study import make_logger, train_final
+
+    out = Path(args.out)
+    path = train_final(args.data, out, args.profile, _options(args), masks_file=args.masks,
+                       log=make_logger(out / "log.txt"))
+    print(f"model: {path}")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from training.study import run_study
+
+    run_study(args.data, Path(args.out), profile_name=args.profile, options=_options(args), minutes=args.minutes,
+              masks_file=args.masks, folds=args.folds, paper_fold=args.paper_fold,
+              cv_backbone_epochs=args.cv_backbone_epochs)
+    return 0
+
+
+def _cmd_masks(args: argparse.Namespace) -> int:
+    from training.experiments import write_mask_cache
+
+    print(json.dumps(write_mask_cache(args.data, args.out)))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from training.report import write_report
+
+    print(write_report(Path(args.study), Path(args.docs)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.build import build_repository
+
+    manifest = build_repository(Path(args.model), Path(args.out), target=args.target,
+                                calibration=Path(args.calibration) if args.calibration else None,
+                                check_parity=not args.skip_parity)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_folder
+
+    result = evaluate_folder(Path(args.data), Path(args.repository), triton=args.triton)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"n={result['n']} accuracy={result['accuracy']:.4f} balanced_accuracy={result['balanced_accuracy']:.4f} "
+          f"macro_auc={result['macro_auc']:.4f} mcc={result['mcc']:.4f} -> {args.out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.server import serve
+
+    return serve(host=args.host, port=args.port, repository=Path(args.repository))
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from gateway.local import classify_files
+
+    return classify_files([Path(p) for p in args.files], repository=Path(args.repository), triton=args.triton,
+                          as_json=args.json)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from gateway.batch import run_batch_cli
+
+    return run_batch_cli(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.local import demo
+
+    return demo(repository=Path(args.repository), count=args.count)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridcn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    profiles = sorted(PROFILES)
+
+    p = sub.add_parser("synth", help="write a deterministic synthetic smear dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+    def training_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", required=True, help="labelled folder in a public release layout")
+        p.add_argument("--profile", choices=profiles, default="compact")
+        p.add_argument("--out", required=True)
+        p.add_argument("--masks", help="mask cache from `hybridcn masks` (instead of reading Segmented/)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seg-epochs", type=int)
+        p.add_argument("--backbone-epochs", type=int)
+        p.add_argument("--head-epochs", type=int)
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--device")
+        p.add_argument("--workers", type=int)
+
+    p = sub.add_parser("train", help="train all four phases on a labelled folder (resumable)")
+    training_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("study", help="final model + block cross-validation, ablations, shortcut audit")
+    training_flags(p)
+    p.add_argument("--minutes", type=float, default=60.0, help="time budget; later steps are skipped past it")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--paper-fold", action="store_true", help="also cross-validate the paper profile if time allows")
+    p.add_argument("--cv-backbone-epochs", type=int, help="backbone epochs inside cross-validation")
+    p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser("masks", help="clean the Segmented/ masks once into a compact cache")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_masks)
+
+    p = sub.add_parser("report", help="statistics, calibration, plots and tables of a study")
+    p.add_argument("study")
+    p.add_argument("--docs", default="docs")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX and write a Triton model repository")
+    p.add_argument("--model", required=True, help="model.pt from `hybridcn train`")
+    p.add_argument("--out", default=str(DEFAULT_REPOSITORY))
+    p.add_argument("--target", choices=["embedded", "gpu"], default="embedded")
+    p.add_argument("--calibration", help="calibration.json from `hybridcn report`")
+    p.add_argument("--skip-parity", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("evaluate", help="score the shipped model on a labelled folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    p.add_argument("--triton", help="HOST:PORT of a running Triton gRPC endpoint (default: in-process ONNX Runtime)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("serve", help="start embedded Triton and the gateway")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("classify", help="classify image files (starts embedded Triton unless --triton is given)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    p.add_argument("--triton", help="HOST:PORT of a running Triton gRPC endpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("demo", help="the main job on a fresh machine: serve the shipped model, classify a queue")
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    p.add_argument("--count", type=int, default=16)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

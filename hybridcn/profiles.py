@@ -1,0 +1,112 @@
+"""Model profiles: the one place that says how big each network is and how fields are prepared.
+
+Everything that needs a size, a class list or a preprocessing constant (training, export, the gateway,
+the Triton ``preprocess`` step) reads it from a :class:`Profile`, never from a literal of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from preprocessing.pipeline import PreprocessConfig
+
+#: Class order everywhere (DESIGN.md contract).
+CLASS_NAMES: tuple[str, ...] = ("Benign", "Early", "Pre", "Pro")
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Attention U-Net size (Oktay et al. 2018)."""
+
+    base_width: int = 8
+    depth: int = 4
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """The two backbones of HybridCN-NAS, built from timm definitions without pretrained weights."""
+
+    convnext: str = "convnext_atto"
+    nasnet_stem: int = 16
+    nasnet_num_features: int = 24 * 16
+    input_size: int = 224
+
+    @property
+    def nasnet_channels(self) -> int:
+        return self.nasnet_num_features // 24
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Multi-head self-attention classifier over the mRMR-selected features."""
+
+    mrmr_k: int = 256
+    token_dim: int = 16
+    model_dim: int = 64
+    heads: int = 4
+    layers: int = 2
+    dropout: float = 0.1
+
+    @property
+    def tokens(self) -> int:
+        return self.mrmr_k // self.token_dim
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    image_size: int = 224
+    classes: tuple[str, ...] = CLASS_NAMES
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        return cls(
+            name=data["name"],
+            image_size=data["image_size"],
+            classes=tuple(data["classes"]),
+            preprocess=PreprocessConfig.from_dict(data["preprocess"]),
+            segmentation=SegmentationConfig(**data["segmentation"]),
+            features=FeatureConfig(**data["features"]),
+            head=HeadConfig(**data["head"]),
+        )
+
+    def with_changes(self, **changes: Any) -> Profile:
+        return replace(self, **changes)
+
+
+PROFILES: dict[str, Profile] = {
+    # Trains and serves on a 2-core CPU: narrow U-Net, ConvNeXt-Atto, NASNet-A with 16 penultimate filters.
+    "compact": Profile(name="compact"),
+    # The paper's configuration: ConvNeXt-Base + NASNet-A Large at 331 px, full-width U-Net, mRMR K=2000.
+    "paper": Profile(
+        name="paper",
+        segmentation=SegmentationConfig(base_width=32, depth=5),
+        features=FeatureConfig(
+            convnext="convnext_base", nasnet_stem=96, nasnet_num_features=4032, input_size=331
+        ),
+        head=HeadConfig(mrmr_k=2000, token_dim=50, model_dim=256, heads=8, layers=2),
+    ),
+    # A few-second profile for unit tests of the training and export code.
+    "tiny": Profile(
+        name="tiny",
+        image_size=64,
+        segmentation=SegmentationConfig(base_width=4, depth=3),
+        features=FeatureConfig(convnext="convnext_atto", nasnet_stem=8, nasnet_num_features=24 * 4, input_size=64),
+        head=HeadConfig(mrmr_k=32, token_dim=8, model_dim=16, heads=2, layers=1),
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None

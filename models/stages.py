@@ -1,0 +1,87 @@
+"""The three served graphs of the ``hybridcn_nas`` ensemble, each a module with named tensors.
+
+``SegmentationStage`` takes the gateway's uint8 field: the float conversion and the per-image z-score
+(the last step of phase 1) happen here, inside the first ONNX graph, so the wire carries uint8.
+Training uses these same modules, so what is trained is what is served.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention_unet import AttentionUNet
+from models.hybrid_features import HybridFeatures
+
+#: Tensor names of the served graphs (config.pbtxt and the ensemble use these).
+SEGMENTATION_INPUTS = ("image",)
+SEGMENTATION_OUTPUTS = ("mask", "attention", "segmented_image")
+FEATURE_INPUTS = ("segmented_image",)
+FEATURE_OUTPUTS = ("features",)
+HEAD_INPUTS = ("features",)
+HEAD_OUTPUTS = ("probabilities", "feature_attention")
+
+
+def zscore_image(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-image, per-channel z-score of an ``(N, 3, H, W)`` float tensor (see preprocessing.normalize)."""
+    mean = image.mean(dim=(2, 3), keepdim=True)
+    std = image.std(dim=(2, 3), keepdim=True, unbiased=False)
+    return (image - mean) / torch.clamp(std, min=eps)
+
+
+def uint8_to_normalized(image: torch.Tensor) -> torch.Tensor:
+    """``(N, H, W, 3)`` uint8 -> z-scored ``(N, 3, H, W)`` float32."""
+    return zscore_image(image.permute(0, 3, 1, 2).to(torch.float32))
+
+
+def segmented_input(normalized: torch.Tensor, mask_probability: torch.Tensor) -> torch.Tensor:
+    """The backbones' input: the normalised field with everything but the cells faded to zero."""
+    return normalized * mask_probability
+
+
+def to_uint8_map(probability: torch.Tensor) -> torch.Tensor:
+    return torch.round(torch.clamp(probability, 0, 1) * 255.0).to(torch.uint8)
+
+
+class SegmentationStage(nn.Module):
+    """``image (N,H,W,3) uint8`` -> ``mask (N,H,W) uint8, attention (N,H,W) uint8, segmented (N,3,H,W) f32``.
+
+    ``attention`` is the finest attention gate's coefficient map, upsampled to the field.
+    """
+
+    def __init__(self, unet: AttentionUNet, *, use_mask: bool = True) -> None:
+        super().__init__()
+        self.unet = unet
+        self.use_mask = use_mask
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        normalized = uint8_to_normalized(image)
+        logits, gates = self.unet(normalized)
+        probability = torch.sigmoid(logits)
+        attention = F.interpolate(gates[-1], size=normalized.shape[-2:], mode="bilinear", align_corners=False)
+        segmented = segmented_input(normalized, probability) if self.use_mask else normalized
+        return to_uint8_map(probability[:, 0]), to_uint8_map(attention[:, 0]), segmented
+
+
+class FeatureStage(nn.Module):
+    """``segmented_image (N,3,H,W) f32`` -> ``features (N,F) f32``."""
+
+    def __init__(self, features: HybridFeatures) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, segmented: torch.Tensor) -> torch.Tensor:
+        return self.features(segmented)
+
+
+class HeadStage(nn.Module):
+    """``features (N,F) f32`` -> ``probabilities (N,C) f32, feature_attention (N,T) f32``."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, attention = self.head(features)
+        return torch.softmax(logits, dim=-1), attention

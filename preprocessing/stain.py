@@ -1,0 +1,125 @@
+"""Reinhard colour transfer for stain normalisation, with foreground-only statistics.
+
+Reinhard E, Ashikhmin M, Gooch B, Shirley P. "Color transfer between images". IEEE Computer
+Graphics and Applications 21(5):34-41, 2001. The statistics are taken in CIE L*a*b* (OpenCV's 8-bit
+encoding) over the smear's foreground only: the pale background and the scale-bar box in the
+bottom-right corner differ by acquisition session (and so by class in the Taleqani data); letting
+them drive the transfer would carry that shortcut into the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StainReference:
+    """Target per-channel mean and std of the foreground in OpenCV 8-bit L*a*b* units."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[float]]) -> StainReference:
+        return cls(mean=tuple(map(float, data["mean"])), std=tuple(map(float, data["std"])))
+
+
+def corner_box(shape: tuple[int, ...], *, corner_fraction: tuple[float, float]) -> tuple[slice, slice]:
+    """Rows and columns of the bottom-right box where microscope software stamps the scale bar."""
+    height, width = shape[:2]
+    box_h = int(round(height * corner_fraction[0]))
+    box_w = int(round(width * corner_fraction[1]))
+    return slice(height - box_h, height), slice(width - box_w, width)
+
+
+def foreground_mask(
+    rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.12, 0.3), min_fraction: float = 0.05
+) -> np.ndarray:
+    """Boolean mask of stained matter (cells), excluding the pale background and the scale-bar box.
+
+    Background is found by Otsu's threshold on lightness combined with a chroma test; if fewer than
+    ``min_fraction`` of the pixels pass, the darkest ``min_fraction`` are used instead, so every
+    field yields statistics.
+    """
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    lightness = lab[..., 0]
+    threshold, _ = cv2.threshold(lightness, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    chroma = np.hypot(lab[..., 1].astype(np.float32) - 128.0, lab[..., 2].astype(np.float32) - 128.0)
+    mask = (lightness < threshold) | (chroma > 30.0)
+    rows, cols = corner_box(rgb.shape, corner_fraction=corner_fraction)
+    mask[rows, cols] = False
+    if mask.mean() < min_fraction:
+        allowed = np.ones_like(mask)
+        allowed[rows, cols] = False
+        cutoff = np.quantile(lightness[allowed], min_fraction)
+        mask = allowed & (lightness <= cutoff)
+    return mask
+
+
+def lab_statistics(rgb: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (float64, shape (3,)) of the L*a*b* pixels under ``mask``."""
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)
+    selected = lab[mask.reshape(-1)]
+    return selected.mean(axis=0), selected.std(axis=0)
+
+
+def reinhard_normalize(
+    rgb: np.ndarray,
+    reference: StainReference,
+    *,
+    corner_fraction: tuple[float, float] = (0.12, 0.3),
+    min_std: float = 1.0,
+) -> np.ndarray:
+    """Map the field's foreground L*a*b* mean/std onto ``reference``; returns uint8 RGB.
+
+    Every pixel gets the same affine map per channel, so the background moves with the foreground
+    but does not decide the map.
+    """
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
+    mask = foreground_mask(rgb, corner_fraction=corner_fraction)
+    source_mean, source_std = lab_statistics(rgb, mask)
+    target_mean = np.asarray(reference.mean)
+    target_std = np.asarray(reference.std)
+    scale = target_std / np.maximum(source_std, min_std)
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab = (lab - source_mean.astype(np.float32)) * scale.astype(np.float32) + target_mean.astype(np.float32)
+    lab = np.clip(lab, 0, 255).round().astype(np.uint8)
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def fit_stain_reference(
+    images: Iterable[np.ndarray], *, corner_fraction: tuple[float, float] = (0.12, 0.3)
+) -> StainReference:
+    """Reference statistics: the median over fields of each field's foreground mean and std."""
+    means, stds = [], []
+    for rgb in images:
+        mean, std = lab_statistics(rgb, foreground_mask(rgb, corner_fraction=corner_fraction))
+        means.append(mean)
+        stds.append(std)
+    if not means:
+        raise ValueError("fit_stain_reference needs at least one image")
+    mean = np.median(np.stack(means), axis=0)
+    std = np.median(np.stack(stds), axis=0)
+    return StainReference(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
+
+def blank_corner(rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.12, 0.3)) -> np.ndarray:
+    """Paint the scale-bar box with the field's median background colour (a known shortcut of the data).
+
+    Returns a new uint8 array; the rest of the field is untouched.
+    """
+    out = rgb.copy()
+    rows, cols = corner_box(rgb.shape, corner_fraction=corner_fraction)
+    background = ~foreground_mask(rgb, corner_fraction=corner_fraction)
+    background[rows, cols] = False
+    fill = np.median(rgb[background], axis=0) if background.any() else np.median(rgb.reshape(-1, 3), axis=0)
+    out[rows, cols] = fill.round().astype(np.uint8)
+    return out

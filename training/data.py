@@ -1,0 +1,165 @@
+"""Labelled smear folders in the public release's layouts, cleaned masks, and leakage-aware splits.
+
+Layouts read as they are: ``<root>/Original/<class>/*``, ``<root>/<class>/*``, with the class
+folders named as in either public release (``Pro`` or ``[Malignant] Pro-B``). Masks for phase 2
+come from the ``Segmented/`` twin of each field (the authors' HSV threshold: noisy) after cleaning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from hybridcn.profiles import CLASS_NAMES
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+_CLASS_ALIASES = {
+    "benign": "Benign",
+    "early": "Early",
+    "[malignant] early pre-b": "Early",
+    "early pre-b": "Early",
+    "pre": "Pre",
+    "[malignant] pre-b": "Pre",
+    "pre-b": "Pre",
+    "pro": "Pro",
+    "[malignant] pro-b": "Pro",
+    "pro-b": "Pro",
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+    number: int  # file number within its class (consecutive numbers = same slide/session)
+    segmented: Path | None = None
+
+    @property
+    def class_name(self) -> str:
+        return CLASS_NAMES[self.label]
+
+
+def canonical_class(folder_name: str) -> str | None:
+    """``'[Malignant] Pro-B'`` -> ``'Pro'``; ``None`` for a folder that is not a class."""
+    return _CLASS_ALIASES.get(folder_name.strip().lower())
+
+
+def file_number(path: Path) -> int:
+    match = re.search(r"(\d+)(?=\.[^.]+$)", path.name)
+    return int(match.group(1)) if match else 0
+
+
+def _class_folders(root: Path) -> dict[str, Path]:
+    found = {}
+    for child in sorted(root.iterdir()) if root.is_dir() else []:
+        name = canonical_class(child.name) if child.is_dir() else None
+        if name:
+            found[name] = child
+    return found
+
+
+def find_samples(root: str | Path) -> list[Sample]:
+    """All labelled fields under ``root`` in class order, then file number."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    image_root = root / "Original" if (root / "Original").is_dir() else root
+    folders = _class_folders(image_root)
+    if not folders:
+        raise ValueError(
+            f"no class folders under {image_root}; expected {', '.join(CLASS_NAMES)} "
+            "(or the public release's '[Malignant] ...' names)"
+        )
+    segmented_root = root / "Segmented" if (root / "Segmented").is_dir() else None
+    segmented_folders = _class_folders(segmented_root) if segmented_root else {}
+    samples = []
+    for name, folder in folders.items():
+        label = CLASS_NAMES.index(name)
+        for path in sorted(folder.iterdir(), key=lambda p: (file_number(p), p.name)):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            twin = segmented_folders.get(name, Path("/nonexistent")) / path.name
+            samples.append(Sample(path, label, file_number(path), twin if twin.is_file() else None))
+    samples.sort(key=lambda s: (s.label, s.number, s.path.name))
+    return samples
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot decode {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def clean_mask(
+    segmented_rgb: np.ndarray, *, min_component: int = 40, min_fraction: float = 0.01, max_fraction: float = 0.6
+) -> tuple[np.ndarray, bool]:
+    """Binary cell mask from a ``Segmented/`` field, and whether it is plausible enough to train on.
+
+    Non-black pixels, then closing, hole filling and removal of specks smaller than
+    ``min_component`` pixels. Masks covering under ``min_fraction`` (the near-empty Pro masks) or
+    over ``max_fraction`` of the field are marked implausible.
+    """
+    raw = (segmented_rgb.max(axis=2) > 25).astype(np.uint8)
+    closed = cv2.morphologyEx(raw, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
+    contours, _ = cv2.findContours(closed, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(closed)
+    kept = [c for c in contours if cv2.contourArea(c) >= min_component]
+    cv2.drawContours(filled, kept, -1, 1, thickness=cv2.FILLED)
+    filled = cv2.morphologyEx(filled, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    fraction = float(filled.mean())
+    return filled.astype(bool), bool(min_fraction <= fraction <= max_fraction)
+
+
+def content_digest(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def block_folds(samples: list[Sample], *, folds: int = 5, block: int = 40, seed: int = 0) -> np.ndarray:
+    """Fold index per sample: blocks of ``block`` consecutive file numbers per class stand in for patients.
+
+    Byte-identical twins are kept in one block (their blocks are merged), blocks are shuffled per
+    class with ``seed`` and dealt round-robin, so every class is spread over all folds.
+    """
+    rng = np.random.default_rng(seed)
+    assignment = np.full(len(samples), -1, dtype=np.int64)
+    digests = [content_digest(s.path) for s in samples]
+    for label in sorted({s.label for s in samples}):
+        indices = [i for i, s in enumerate(samples) if s.label == label]
+        parent = {i: (samples[i].number - 1) // block for i in indices}
+        groups: dict[int, set[int]] = {}
+        for i in indices:
+            groups.setdefault(parent[i], set()).add(parent[i])
+        by_digest: dict[str, int] = {}
+        union = {b: b for b in groups}
+
+        def find(b: int) -> int:
+            while union[b] != b:
+                b = union[b]
+            return b
+
+        for i in indices:
+            seen = by_digest.setdefault(digests[i], parent[i])
+            union[find(parent[i])] = find(seen)
+        roots = sorted({find(b) for b in groups})
+        order = rng.permutation(len(roots))
+        fold_of_root = {roots[j]: rank % folds for rank, j in enumerate(order)}
+        for i in indices:
+            assignment[i] = fold_of_root[find(parent[i])]
+    return assignment
+
+
+def random_folds(samples: list[Sample], *, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Image-level stratified random folds: LEAKY on this data (near-duplicate neighbours), for comparison only."""
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(samples), dtype=np.int64)
+    for label in sorted({s.label for s in samples}):
+        indices = np.array([i for i, s in enumerate(samples) if s.label == label])
+        assignment[indices[rng.permutation(len(indices))]] = np.arange(len(indices)) % folds
+    return assignment

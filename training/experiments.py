@@ -1,0 +1,218 @@
+"""Runs built from the pipeline: the final model on all data, block cross-validation with ablations,
+the leaky random split for comparison with the paper, and the shortcut audit.
+
+Every run writes JSON as it goes, so a run cut short by a deadline still leaves its results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from hybridcn.profiles import Profile
+from preprocessing import fit_field
+from preprocessing.stain import corner_box, foreground_mask
+from training.data import Sample, block_folds, clean_mask, find_samples, random_folds, read_rgb
+from training.metrics import classification_metrics
+from training.pipeline import TrainedModel, TrainOptions, fit_pipeline, predict
+
+Log = Callable[[str], None]
+
+#: Ablations of the paper's components; each is (what changes in preprocessing, in training options).
+ABLATIONS: dict[str, tuple[dict, dict]] = {
+    "full": ({}, {}),
+    "no_stain_normalization": ({"stain_normalize": False}, {}),
+    "no_clahe_multiscale": ({"enhance": False}, {}),
+    "no_segmentation": ({}, {"use_segmentation": False}),
+    "convnext_only": ({}, {"use_nasnet": False}),
+    "nasnet_only": ({}, {"use_convnext": False}),
+    "no_mrmr": ({}, {"use_mrmr": False}),
+    "mlp_head": ({}, {"head": "mlp_head"}),
+}
+#: Ablations that reuse the full model's segmentation and backbones and retrain only phase 4.
+HEAD_ONLY = {"convnext_only", "nasnet_only", "no_mrmr", "mlp_head"}
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    images: np.ndarray  # (N,H,W,3) uint8, decoded and fitted to the profile size
+    masks: np.ndarray  # (N,H,W) bool, cleaned Segmented/ masks
+    mask_ok: np.ndarray  # (N,) bool
+    labels: np.ndarray  # (N,) int64
+
+
+def load_dataset(root: str | Path, size: int, *, masks_file: str | Path | None = None, log: Log = print) -> Dataset:
+    """Decode every field; masks come from ``Segmented/`` or from a cache written by :func:`write_mask_cache`."""
+    samples = find_samples(root)
+    images = np.stack([fit_field(read_rgb(s.path), size) for s in samples])
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    if masks_file is not None and Path(masks_file).exists():
+        cache = np.load(masks_file)
+        names = list(cache["names"])
+        position = {name: i for i, name in enumerate(names)}
+        rows = [position.get(f"{s.class_name}/{s.path.name}") for s in samples]
+        packed = cache["masks"]
+        shape = tuple(cache["shape"])
+        masks = np.stack([np.unpackbits(packed[r])[: shape[0] * shape[1]].reshape(shape).astype(bool)
+                          if r is not None else np.zeros(shape, bool) for r in rows])
+        mask_ok = np.array([bool(cache["ok"][r]) if r is not None else False for r in rows])
+    else:
+        masks_list, ok_list = [], []
+        for s in samples:
+            if s.segmented is None:
+                masks_list.append(np.zeros((size, size), bool))
+                ok_list.append(False)
+                continue
+            mask, ok = clean_mask(fit_field(read_rgb(s.segmented), size))
+            masks_list.append(mask)
+            ok_list.append(ok)
+        masks, mask_ok = np.stack(masks_list), np.array(ok_list)
+    masks = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+                      if m.shape != (size, size) else m for m in masks])
+    log(f"loaded {len(samples)} fields from {root}; {int(mask_ok.sum())} masks usable for phase 2")
+    return Dataset(samples, images, masks, mask_ok, labels)
+
+
+def write_mask_cache(root: str | Path, out: str | Path, size: int = 224) -> dict:
+    """Clean every ``Segmented/`` mask once and store them bit-packed (to move data to a GPU machine)."""
+    samples = find_samples(root)
+    names, packed, ok = [], [], []
+    for s in samples:
+        if s.segmented is None:
+            continue
+        mask, plausible = clean_mask(fit_field(read_rgb(s.segmented), size))
+        names.append(f"{s.class_name}/{s.path.name}")
+        packed.append(np.packbits(mask.reshape(-1)))
+        ok.append(plausible)
+    np.savez_compressed(out, names=np.array(names), masks=np.stack(packed), ok=np.array(ok), shape=np.array([size, size]))
+    return {"masks": len(names), "plausible": int(np.sum(ok))}
+
+
+def variant_setup(profile: Profile, options: TrainOptions, variant: str) -> tuple[Profile, TrainOptions]:
+    pre_changes, option_changes = ABLATIONS[variant]
+    return profile.with_changes(preprocess=replace(profile.preprocess, **pre_changes)), replace(options, **option_changes)
+
+
+def _save_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def crossvalidate(
+    data: Dataset, profile: Profile, options: TrainOptions, out_dir: Path, *, variants: list[str],
+    folds: int = 5, split: str = "block", deadline: float | None = None, log: Log = print,
+    max_folds: int | None = None,
+) -> dict:
+    """Out-of-fold predictions and per-fold metrics of every variant; resumable from ``out_dir/cv.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / f"cv_{split}.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"split": split, "folds": {}}
+    assignment = block_folds(data.samples, folds=folds) if split == "block" else random_folds(data.samples, folds=folds)
+    results["assignment"] = assignment.tolist()
+    results["labels"] = data.labels.tolist()
+    for fold in range(max_folds or folds):
+        fold_key = str(fold)
+        fold_results = results["folds"].setdefault(fold_key, {})
+        train = assignment != fold
+        test = assignment == fold
+        if not test.any():
+            continue
+        full_model: TrainedModel | None = None
+        for variant in variants:
+            if variant in fold_results:
+                continue
+            if deadline is not None and time.time() > deadline:
+                log(f"deadline reached before fold {fold} {variant}; stopping")
+                _save_json(results_path, results)
+                return results
+            variant_profile, variant_options = variant_setup(profile, options, variant)
+            reuse = None
+            if variant in HEAD_ONLY:
+                if full_model is None:
+                    log(f"skip {variant} on fold {fold}: full model of this fold not trained in this process")
+                    continue
+                reuse = full_model
+            started = time.time()
+            log(f"[{split} fold {fold}] training {variant}")
+            model = fit_pipeline(data.images[train], data.masks[train], data.mask_ok[train], data.labels[train],
+                                 variant_profile, variant_options, log, reuse=reuse)
+            prediction = predict(model, data.images[test], variant_options)
+            metrics = classification_metrics(data.labels[test], prediction["probabilities"])
+            entry = {"metrics": metrics, "logits": prediction["logits"].tolist(),
+                     "index": np.nonzero(test)[0].tolist(), "seconds": time.time() - started}
+            if variant == "full":
+                full_model = model
+                entry["shortcut_robustness"] = background_swap_accuracy(model, data, test, variant_options)
+                from training.pipeline import dice_iou
+
+                test_masks = data.masks[test]
+                ok = data.mask_ok[test]
+                if ok.any():
+                    dice, iou = dice_iou(torch.as_tensor(prediction["masks"][ok]).float() / 255.0,
+                                         torch.as_tensor(test_masks[ok]).float())
+                    entry["segmentation"] = {"dice": dice, "iou": iou, "n": int(ok.sum())}
+            fold_results[variant] = entry
+            log(f"[{split} fold {fold}] {variant}: acc {metrics['accuracy']:.4f} mcc {metrics['mcc']:.4f} "
+                f"auc {metrics['macro_auc']:.4f} ({time.time() - started:.0f}s)")
+            _save_json(results_path, results)
+    return results
+
+
+def background_swap_accuracy(model: TrainedModel, data: Dataset, test: np.ndarray, options: TrainOptions) -> dict:
+    """Accuracy on held-out fields as they are, with the corner box blanked, and with the background replaced.
+
+    A model that reads the background colour or the scale bar loses accuracy when they change.
+    """
+    images = data.images[test]
+    labels = data.labels[test]
+    blanked = images.copy()
+    swapped = images.copy()
+    neutral = np.array([235, 230, 235], np.uint8)
+    for i, image in enumerate(images):
+        rows, cols = corner_box(image.shape, corner_fraction=model.profile.preprocess.corner_fraction)
+        blanked[i, rows, cols] = 0
+        swapped[i][~foreground_mask(image)] = neutral
+    out = {}
+    for name, batch in (("as_is", images), ("corner_blanked", blanked), ("background_replaced", swapped)):
+        probabilities = predict(model, batch, options)["probabilities"]
+        out[name] = float((probabilities.argmax(1) == labels).mean())
+    return out
+
+
+def shortcut_probe(data: Dataset, *, folds: int = 5) -> dict:
+    """How well acquisition artefacts alone predict the class, under the same block split.
+
+    Background colour: the median RGB of the non-stained pixels; corner: the scale-bar box
+    downsampled to 8x8 RGB. A logistic regression on each; block-fold accuracy reported.
+    """
+    background, corner = [], []
+    for image in data.images:
+        mask = foreground_mask(image)
+        background.append(np.median(image[~mask], axis=0) if (~mask).any() else np.zeros(3))
+        rows, cols = corner_box(image.shape, corner_fraction=(0.12, 0.3))
+        corner.append(cv2.resize(image[rows, cols], (8, 8), interpolation=cv2.INTER_AREA).reshape(-1))
+    assignment = block_folds(data.samples, folds=folds)
+    out = {}
+    for name, features in (("background_colour", np.array(background)), ("scale_bar_corner", np.array(corner))):
+        correct = 0
+        for fold in range(folds):
+            train, test = assignment != fold, assignment == fold
+            if not test.any() or len(np.unique(data.labels[train])) < 2:
+                continue
+            scaler = StandardScaler().fit(features[train])
+            classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(features[train]), data.labels[train])
+            correct += (classifier.predict(scaler.transform(features[test])) == data.labels[test]).sum()
+        out[name] = {"block_cv_accuracy": float(correct / len(data.labels))}
+    out["chance_accuracy"] = float(np.bincount(data.labels).max() / len(data.labels))
+    return out

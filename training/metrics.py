@@ -1,0 +1,134 @@
+"""Classification metrics with bootstrap intervals, calibration (ECE, temperature) and the review threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, matthews_corrcoef, roc_auc_score
+
+from hybridcn.profiles import CLASS_NAMES
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy, macro one-vs-rest AUC, MCC, per-class sensitivity/specificity, confusion."""
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    predicted = probabilities.argmax(axis=1)
+    classes = list(range(probabilities.shape[1]))
+    confusion = confusion_matrix(labels, predicted, labels=classes)
+    per_class = {}
+    for c in classes:
+        tp = confusion[c, c]
+        fn = confusion[c].sum() - tp
+        fp = confusion[:, c].sum() - tp
+        tn = confusion.sum() - tp - fn - fp
+        per_class[CLASS_NAMES[c]] = {
+            "n": int(confusion[c].sum()),
+            "sensitivity": float(tp / max(tp + fn, 1)),
+            "specificity": float(tn / max(tn + fp, 1)),
+        }
+    present = np.unique(labels)
+    try:
+        auc = float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro", labels=classes)) \
+            if len(present) == len(classes) else float("nan")
+    except ValueError:
+        auc = float("nan")
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((predicted == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "macro_auc": auc,
+        "mcc": float(matthews_corrcoef(labels, predicted)),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def bootstrap_intervals(
+    labels: np.ndarray, probabilities: np.ndarray, *, rounds: int = 1000, seed: int = 0,
+    keys: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_auc", "mcc"),
+) -> dict[str, list[float]]:
+    """Percentile 95% intervals over ``rounds`` resamples of the fields (with replacement)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    values: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(rounds):
+        sample = rng.integers(0, len(labels), len(labels))
+        if len(np.unique(labels[sample])) < probabilities.shape[1]:
+            continue
+        predicted = probabilities[sample].argmax(axis=1)
+        values["accuracy"].append(float((predicted == labels[sample]).mean()))
+        if "balanced_accuracy" in values:
+            values["balanced_accuracy"].append(float(balanced_accuracy_score(labels[sample], predicted)))
+        if "macro_auc" in values:
+            values["macro_auc"].append(float(roc_auc_score(labels[sample], probabilities[sample], multi_class="ovr")))
+        if "mcc" in values:
+            values["mcc"].append(float(matthews_corrcoef(labels[sample], predicted)))
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in values.items() if v}
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, *, bins: int = 15) -> float:
+    """ECE of the top-class confidence (Guo et al., ICML 2017), equal-width bins."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            error += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(error)
+
+
+def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, *, bins: int = 10) -> dict[str, list[float]]:
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    mids, accuracy, counts = [], [], []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            mids.append(float(confidence[inside].mean()))
+            accuracy.append(float(correct[inside].mean()))
+            counts.append(int(inside.sum()))
+    return {"confidence": mids, "accuracy": accuracy, "count": counts}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of ``softmax(logits / T)``."""
+
+    def nll(log_t: float) -> float:
+        p = softmax(logits / np.exp(log_t))
+        return float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+    result = minimize_scalar(nll, bounds=(-3, 3), method="bounded")
+    return float(np.exp(result.x))
+
+
+def review_threshold(labels: np.ndarray, probabilities: np.ndarray, *, target_precision: float = 0.995) -> dict:
+    """Lowest confidence threshold at which auto-accepted fields (confidence >= t) are >= target precise."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    order = np.argsort(-confidence)
+    cumulative = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    ok = np.nonzero(cumulative >= target_precision)[0]
+    if len(ok) == 0:
+        threshold = 1.0
+    else:
+        # the largest accepted prefix whose precision stays above target from there on
+        valid = np.nonzero(np.minimum.accumulate(cumulative[::-1])[::-1] >= target_precision)[0]
+        last = valid.max() if len(valid) else ok.min()
+        threshold = float(confidence[order][last])
+    accepted = confidence >= threshold
+    return {
+        "threshold": threshold,
+        "target_precision": target_precision,
+        "accepted_precision": float(correct[accepted].mean()) if accepted.any() else float("nan"),
+        "review_fraction": float(1 - accepted.mean()),
+    }

@@ -1,0 +1,419 @@
+"""The four phases of HybridCN-NAS trained on one split, with the same modules that are exported and served.
+
+Phase 1 runs :func:`preprocessing.preprocess_field` (the gateway's code) on every field; phase 2
+trains the Attention U-Net on cleaned masks; phase 3 trains ConvNeXt and NASNet-A from scratch on
+the segmented fields (a linear probe per backbone and one on the concatenation give the gradient);
+phase 4 z-scores the concatenated features, selects K with mRMR inside the training split only, and
+trains the multi-head self-attention classifier.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridcn.profiles import Profile
+from models import FeatureStage, HeadStage, SegmentationStage, create_model
+from preprocessing import PreprocessConfig, StainReference, enhance_field, fit_stain_reference
+from preprocessing.normalize import fit_zscore
+from training.augment import augment_batch
+from training.mrmr import mrmr_select
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainOptions:
+    seg_epochs: int = 12
+    backbone_epochs: int = 30
+    head_epochs: int = 150
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    feature_views: int = 2  # augmented passes added to the clean one when extracting head-training features
+    seed: int = 0
+    use_segmentation: bool = True
+    use_convnext: bool = True
+    use_nasnet: bool = True
+    use_mrmr: bool = True
+    head: str = "mhsa_head"
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1)))
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainedModel:
+    profile: Profile
+    reference: StainReference
+    segmentation: SegmentationStage
+    features: FeatureStage
+    head: HeadStage
+    history: dict = field(default_factory=dict)
+
+    def state_dicts(self) -> dict:
+        return {
+            "profile": self.profile.to_dict(),
+            "reference": self.reference.to_dict(),
+            "use_mask": self.segmentation.use_mask,
+            "feature_parts": [self.features.features.convnext is not None, self.features.features.nasnet is not None],
+            "head_name": type(self.head.head).__name__,
+            "head_k": int(self.head.head.selection.index.numel()),
+            "segmentation": self.segmentation.state_dict(),
+            "features": self.features.state_dict(),
+            "head": self.head.state_dict(),
+            "history": self.history,
+        }
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def _progress(iterable, total: int, description: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True, mininterval=2.0)
+
+
+def _enhance_one(args: tuple[np.ndarray, StainReference, PreprocessConfig]) -> np.ndarray:
+    rgb, reference, config = args
+    return enhance_field(rgb, reference, config)
+
+
+def preprocess_all(
+    images: np.ndarray, reference: StainReference, config: PreprocessConfig, *, workers: int = 1
+) -> np.ndarray:
+    """Phase 1 on a stack of fields ``(N,H,W,3) uint8`` with the served preprocessing code."""
+    jobs = [(image, reference, config) for image in images]
+    if workers <= 1 or len(images) < 64:
+        return np.stack([_enhance_one(job) for job in jobs])
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return np.stack(list(pool.map(_enhance_one, jobs, chunksize=32)))
+
+
+def _autocast(device: str):
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total: int, warmup: int) -> None:
+    if step < warmup:
+        lr = base_lr * (step + 1) / warmup
+    else:
+        lr = 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def dice_iou(probability: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    predicted = probability >= 0.5
+    target = target >= 0.5
+    intersection = (predicted & target).sum().item()
+    total = predicted.sum().item() + target.sum().item()
+    union = (predicted | target).sum().item()
+    return (2 * intersection / total if total else 1.0), (intersection / union if union else 1.0)
+
+
+def train_segmentation(
+    images: torch.Tensor, masks: torch.Tensor, profile: Profile, options: TrainOptions, log: Log,
+    generator: torch.Generator,
+) -> SegmentationStage:
+    """Phase 2: Attention U-Net on cleaned masks, BCE + soft Dice."""
+    unet = create_model("attention_unet", profile).to(options.device).to(memory_format=torch.channels_last)
+    stage = SegmentationStage(unet)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=options.lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, len(images) // options.batch_size)
+    total = steps_per_epoch * options.seg_epochs
+    step = 0
+    unet.train()
+    for epoch in range(options.seg_epochs):
+        order = torch.randperm(len(images), generator=generator)
+        running = 0.0
+        for batch_index in _progress(range(steps_per_epoch), steps_per_epoch, f"unet {epoch + 1}", options.progress):
+            index = order[batch_index * options.batch_size : (batch_index + 1) * options.batch_size].to(images.device)
+            batch, target = augment_batch(images[index], masks[index], generator=generator)
+            _cosine_lr(optimizer, options.lr, step, total, steps_per_epoch)
+            with _autocast(options.device):
+                from models.stages import uint8_to_normalized
+
+                logits, _ = unet(uint8_to_normalized(batch).contiguous(memory_format=torch.channels_last))
+            logits = logits.float()[:, 0]
+            target = target.float()
+            probability = torch.sigmoid(logits)
+            soft_dice = 1 - (2 * (probability * target).sum((1, 2)) + 1) / (probability.sum((1, 2)) + target.sum((1, 2)) + 1)
+            loss = F.binary_cross_entropy_with_logits(logits, target) + soft_dice.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+            step += 1
+        log(f"segmentation epoch {epoch + 1}/{options.seg_epochs} loss {running / steps_per_epoch:.4f}")
+    unet.eval()
+    return stage
+
+
+@torch.no_grad()
+def segment(stage: SegmentationStage, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask probabilities (N,H,W) float and segmented inputs are recomputed per batch; this returns masks only."""
+    masks, attention = [], []
+    for start in range(0, len(images), batch_size):
+        mask, att, _ = stage(images[start : start + batch_size])
+        masks.append(mask)
+        attention.append(att)
+    return torch.cat(masks), torch.cat(attention)
+
+
+def segmentation_scores(stage: SegmentationStage, images: torch.Tensor, masks: torch.Tensor, batch_size: int) -> dict:
+    predicted, _ = segment(stage, images, batch_size)
+    dice, iou = dice_iou(predicted.float() / 255.0, masks.float())
+    per_image = [dice_iou(p.float() / 255.0, m.float())[0] for p, m in zip(predicted, masks, strict=True)]
+    return {"dice": dice, "iou": iou, "mean_image_dice": float(np.mean(per_image)), "n": int(len(images))}
+
+
+class BackboneTrainer(nn.Module):
+    """HybridCN-NAS backbones with linear probes (concatenation + one per backbone) for end-to-end training."""
+
+    def __init__(self, features: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.joint = nn.Linear(features.num_features, num_classes)
+        self.parts = nn.ModuleList(
+            nn.Linear(width, num_classes) for width in (features.convnext_dim, features.nasnet_dim) if width
+        )
+
+    def forward(self, segmented: torch.Tensor) -> list[torch.Tensor]:
+        parts = self.features.forward_parts(segmented)
+        outputs = [self.joint(torch.cat(parts, dim=1))]
+        if len(parts) > 1:
+            outputs += [probe(part) for probe, part in zip(self.parts, parts, strict=True)]
+        return outputs
+
+
+def train_backbones(
+    segmentation: SegmentationStage, images: torch.Tensor, labels: torch.Tensor, profile: Profile,
+    options: TrainOptions, log: Log, generator: torch.Generator, checkpoint: Path | None = None,
+) -> FeatureStage:
+    """Phase 3: ConvNeXt + NASNet-A from scratch on segmented, augmented fields."""
+    features = create_model(
+        "hybrid_features", profile, use_convnext=options.use_convnext, use_nasnet=options.use_nasnet
+    )
+    trainer = BackboneTrainer(features, len(profile.classes)).to(options.device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(trainer.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    steps_per_epoch = max(1, len(images) // options.batch_size)
+    total = steps_per_epoch * options.backbone_epochs
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=options.device, weights_only=False)
+        trainer.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start_epoch = state["epoch"]
+        log(f"backbones resumed from {checkpoint} at epoch {start_epoch}")
+    class_counts = torch.bincount(labels.cpu(), minlength=len(profile.classes)).float()
+    class_weight = (class_counts.sum() / (len(class_counts) * class_counts.clamp(min=1))).to(options.device)
+    for epoch in range(start_epoch, options.backbone_epochs):
+        trainer.train()
+        order = torch.randperm(len(images), generator=generator)
+        running, correct, seen = 0.0, 0, 0
+        for batch_index in _progress(range(steps_per_epoch), steps_per_epoch, f"backbones {epoch + 1}", options.progress):
+            index = order[batch_index * options.batch_size : (batch_index + 1) * options.batch_size].to(images.device)
+            batch, _ = augment_batch(images[index], generator=generator)
+            target = labels[index]
+            with torch.no_grad():
+                _, _, segmented = segmentation(batch)
+            _cosine_lr(optimizer, options.lr, epoch * steps_per_epoch + batch_index, total, steps_per_epoch)
+            with _autocast(options.device):
+                outputs = trainer(segmented.contiguous(memory_format=torch.channels_last))
+            losses = [
+                F.cross_entropy(o.float(), target, weight=class_weight, label_smoothing=options.label_smoothing)
+                for o in outputs
+            ]
+            loss = losses[0] + 0.5 * sum(losses[1:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(trainer.parameters(), 5.0)
+            optimizer.step()
+            running += loss.item()
+            correct += (outputs[0].argmax(1) == target).sum().item()
+            seen += len(target)
+        log(f"backbone epoch {epoch + 1}/{options.backbone_epochs} loss {running / steps_per_epoch:.4f} "
+            f"train-acc {correct / max(seen, 1):.4f}")
+        if checkpoint is not None:
+            torch.save({"model": trainer.state_dict(), "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(), "epoch": epoch + 1}, checkpoint)
+    features.eval()
+    return FeatureStage(features)
+
+
+@torch.no_grad()
+def extract_features(
+    segmentation: SegmentationStage, features: FeatureStage, images: torch.Tensor, batch_size: int,
+    device: str, *, augment: bool = False, generator: torch.Generator | None = None,
+) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        if augment:
+            batch, _ = augment_batch(batch, generator=generator)
+        _, _, segmented = segmentation(batch)
+        with _autocast(device):
+            out.append(features(segmented.contiguous(memory_format=torch.channels_last)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def head_k(profile: Profile, width: int, use_mrmr: bool) -> int:
+    """K selected features: the profile's K capped at the width, a multiple of the token size."""
+    token = profile.head.token_dim
+    k = width if not use_mrmr else min(profile.head.mrmr_k, width)
+    return max(token, (k // token) * token)
+
+
+def train_head(
+    train_features: np.ndarray, train_labels: np.ndarray, profile: Profile, options: TrainOptions, log: Log,
+    generator: torch.Generator, *, columns: np.ndarray | None = None, clean_rows: int | None = None,
+) -> HeadStage:
+    """Phase 4: z-score (training split), mRMR to K, then the MHSA (or MLP) classifier."""
+    width = train_features.shape[1]
+    columns = np.arange(width) if columns is None else columns
+    k = head_k(profile, len(columns), options.use_mrmr)
+    mean, std = fit_zscore(train_features)
+    clean = train_features[: clean_rows or len(train_features)]
+    clean_labels = train_labels[: clean_rows or len(train_labels)]
+    standardized = (clean[:, columns] - mean[columns]) / std[columns]
+    if options.use_mrmr:
+        chosen = columns[mrmr_select(standardized, clean_labels, k, device=options.device)]
+    else:
+        chosen = columns[:k]
+    head = create_model(options.head, profile, num_features=width, k=k).to(options.device)
+    head.selection.set_statistics(mean, std, chosen)
+    x = torch.as_tensor(train_features, dtype=torch.float32, device=options.device)
+    y = torch.as_tensor(train_labels, dtype=torch.int64, device=options.device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
+    batch = 128
+    steps_per_epoch = max(1, len(x) // batch)
+    total = steps_per_epoch * options.head_epochs
+    for epoch in range(options.head_epochs):
+        head.train()
+        order = torch.randperm(len(x), generator=generator).to(options.device)
+        for i in range(steps_per_epoch):
+            index = order[i * batch : (i + 1) * batch]
+            _cosine_lr(optimizer, 1e-3, epoch * steps_per_epoch + i, total, steps_per_epoch)
+            selected = head.selection(x[index])
+            selected = selected + 0.1 * torch.randn_like(selected)  # feature noise regularises the head
+            logits, _ = head.forward_selected(selected)
+            loss = F.cross_entropy(logits, y[index], label_smoothing=options.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if (epoch + 1) % max(1, options.head_epochs // 5) == 0:
+            log(f"head epoch {epoch + 1}/{options.head_epochs} loss {loss.item():.4f}")
+    head.eval()
+    return HeadStage(head)
+
+
+def fit_pipeline(
+    raw_images: np.ndarray, masks: np.ndarray, mask_ok: np.ndarray, labels: np.ndarray, profile: Profile,
+    options: TrainOptions, log: Log, *, run_dir: Path | None = None,
+    reuse: TrainedModel | None = None,
+) -> TrainedModel:
+    """Train all four phases on one training split (``raw_images`` are decoded, un-preprocessed fields).
+
+    ``reuse`` lends an earlier model's segmentation and backbones (for the head-only ablations).
+    """
+    seed_everything(options.seed)
+    generator = torch.Generator().manual_seed(options.seed)
+    history: dict = {"options": options.to_dict()}
+    started = time.time()
+    if reuse is not None:
+        reference, segmentation, features = reuse.reference, reuse.segmentation, reuse.features
+        pre = torch.as_tensor(preprocess_all(raw_images, reference, profile.preprocess, workers=options.workers))
+        images = pre.to(options.device)
+    else:
+        reference = fit_stain_reference(raw_images[:: max(1, len(raw_images) // 400)],
+                                        corner_fraction=profile.preprocess.corner_fraction)
+        pre = preprocess_all(raw_images, reference, profile.preprocess, workers=options.workers)
+        log(f"phase 1: preprocessed {len(pre)} fields in {time.time() - started:.1f}s")
+        images = torch.as_tensor(pre).to(options.device)
+        usable = np.nonzero(mask_ok)[0]
+        history["segmentation_training_masks"] = {"kept": int(len(usable)), "total": int(len(mask_ok))}
+        mask_tensor = torch.as_tensor(masks[usable].astype(np.uint8)).to(options.device)
+        segmentation = train_segmentation(images[torch.as_tensor(usable).to(options.device)], mask_tensor,
+                                          profile, options, log, generator)
+        segmentation.use_mask = options.use_segmentation
+        log(f"phase 2 done at {time.time() - started:.1f}s")
+        label_tensor = torch.as_tensor(labels, dtype=torch.int64).to(options.device)
+        checkpoint = run_dir / "backbones.ckpt" if run_dir is not None else None
+        features = train_backbones(segmentation, images, label_tensor, profile, options, log, generator, checkpoint)
+        log(f"phase 3 done at {time.time() - started:.1f}s")
+    views = [extract_features(segmentation, features, images, 2 * options.batch_size, options.device)]
+    for _ in range(options.feature_views):
+        views.append(extract_features(segmentation, features, images, 2 * options.batch_size, options.device,
+                                      augment=True, generator=generator))
+    train_features = np.concatenate(views)
+    train_labels = np.tile(labels, len(views))
+    columns = None
+    extractor = features.features
+    if reuse is not None and (not options.use_convnext or not options.use_nasnet):
+        columns = (np.arange(extractor.convnext_dim) if options.use_convnext
+                   else np.arange(extractor.convnext_dim, extractor.num_features))
+    head = train_head(train_features, train_labels, profile, options, log, generator, columns=columns,
+                      clean_rows=len(labels))
+    history["train_seconds"] = time.time() - started
+    log(f"phase 4 done at {time.time() - started:.1f}s")
+    return TrainedModel(profile, reference, segmentation, features, head, history)
+
+
+@torch.no_grad()
+def predict(model: TrainedModel, raw_images: np.ndarray, options: TrainOptions) -> dict[str, np.ndarray]:
+    """Logits, probabilities, masks for raw fields, through exactly the served stages."""
+    pre = preprocess_all(raw_images, model.reference, model.profile.preprocess, workers=options.workers)
+    images = torch.as_tensor(pre).to(options.device)
+    logits_all, masks_all = [], []
+    batch = 2 * options.batch_size
+    for start in range(0, len(images), batch):
+        mask, _, segmented = model.segmentation(images[start : start + batch])
+        with _autocast(options.device):
+            feats = model.features(segmented.contiguous(memory_format=torch.channels_last)).float()
+        logits, _ = model.head.head(feats)
+        logits_all.append(logits.float().cpu())
+        masks_all.append(mask.cpu())
+    logits = torch.cat(logits_all).numpy()
+    return {"logits": logits, "probabilities": torch.softmax(torch.as_tensor(logits), 1).numpy(),
+            "masks": torch.cat(masks_all).numpy(), "preprocessed": pre}
+
+
+def load_trained(path: Path, device: str = "cpu") -> TrainedModel:
+    """Rebuild a :class:`TrainedModel` from ``model.pt`` written by :meth:`TrainedModel.state_dicts`."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    profile = Profile.from_dict(state["profile"])
+    use_convnext, use_nasnet = state["feature_parts"]
+    segmentation = SegmentationStage(create_model("attention_unet", profile), use_mask=state["use_mask"])
+    segmentation.load_state_dict(state["segmentation"])
+    features = FeatureStage(create_model("hybrid_features", profile, use_convnext=use_convnext, use_nasnet=use_nasnet))
+    features.load_state_dict(state["features"])
+    head_name = "mhsa_head" if state["head_name"] == "MHSAHead" else "mlp_head"
+    head = HeadStage(create_model(head_name, profile, num_features=features.features.num_features, k=state["head_k"]))
+    head.load_state_dict(state["head"])
+    model = TrainedModel(profile, StainReference.from_dict(state["reference"]), segmentation.eval().to(device),
+                         features.eval().to(device), head.eval().to(device), state.get("history", {}))
+    return model
