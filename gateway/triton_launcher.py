@@ -1,0 +1,165 @@
+"""Start and stop the embedded ``tritonserver`` that the ``nvidia-pytriton`` wheel ships (CPU, Python backend).
+
+What it needs, learnt the hard way (DESIGN.md): the Python backend stub built for this interpreter,
+copied beside ``libtriton_python.so`` in a backend directory of our own (only when it changed, never
+under a live server); ``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH`` (without it the server hangs in
+"loading"); this environment's ``bin`` first on ``PATH`` (the stub finds Python there); a unique
+shared-memory prefix per server; a readiness deadline; SIGINT to stop.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class TritonStartError(RuntimeError):
+    """The server exited or did not become ready before the deadline; carries the log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent
+
+
+def triton_binary() -> Path:
+    return _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+
+
+def prepare_backend_dir(cache: Path | None = None) -> Path:
+    """A backend directory with ``python/`` holding the shipped backend and this interpreter's stub."""
+    root = _pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonStartError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+    cache = cache or Path(os.environ.get("HYBRIDCN_CACHE", Path.home() / ".cache" / "hybridcn"))
+    target = cache / f"triton-backends-py{version}" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    sources = [stub, *(root / "backends" / "python").glob("*.*")]
+    for source in sources:
+        destination = target / source.name
+        if destination.exists() and filecmp.cmp(source, destination, shallow=False):
+            continue
+        staging = destination.with_suffix(destination.suffix + f".{uuid.uuid4().hex}.tmp")
+        shutil.copy2(source, staging)
+        staging.replace(destination)  # atomic: a running server keeps its mapped old inode
+    return target.parent
+
+
+def server_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    libs = Path(sysconfig.get_paths()["purelib"]) / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env.setdefault("HYBRIDCN_ORT_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    return env
+
+
+@dataclass
+class EmbeddedTriton:
+    """A running embedded server; use as a context manager or call :meth:`start` / :meth:`stop`."""
+
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    ready_timeout: float = 120.0
+    log_path: Path | None = None
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def start(self) -> EmbeddedTriton:
+        self.http_port = self.http_port or free_port(self.host)
+        self.grpc_port = self.grpc_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.host)
+        backends = prepare_backend_dir()
+        if self.log_path is None:
+            self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"hybridcn-triton-{uuid.uuid4().hex[:8]}.log"
+        command = [
+            str(triton_binary()),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--backend-directory={backends}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--disable-auto-complete-config",
+            f"--backend-config=python,shm-region-prefix-name=hybridcn_{uuid.uuid4().hex[:12]}",
+            "--log-verbose=0",
+        ]
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(),
+                                        start_new_session=True)
+        log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonStartError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        raise TritonStartError(f"tritonserver not ready after {self.ready_timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> EmbeddedTriton:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,441 @@
+"""The study report: out-of-fold metrics with intervals, calibration, ablation tests, shortcut audit, plots.
+
+Reads what :mod:`training.study` wrote (``cv/cv_block.json``, optional ``cv/cv_random.json`` and
+``cv_paper/cv_block.json``, ``shortcuts.json``, ``final/config.json``, ``log.txt``), writes
+``results.md`` and PNG plots into the docs folder and ``final/calibration.json`` for the exporter.
+Folds cut short by the GPU budget are skipped and the report says which folds it used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from hybridcn.profiles import CLASS_NAMES
+from training.metrics import (
+    bootstrap_intervals,
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_curve,
+    review_threshold,
+    softmax,
+)
+from training.stats import format_pvalue, paired_tests, wilcoxon_min_pvalue
+
+TARGET_PRECISION = 0.995
+SUMMARY_KEYS = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
+                ("macro_auc", "Macro AUC (one-vs-rest)"), ("mcc", "MCC"))
+PAIRED_KEYS = (("accuracy", "Accuracy"), ("mcc", "MCC"), ("macro_auc", "AUC"))
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """One variant on one held-out fold: its logits, the fields' labels and indices, recomputed metrics."""
+
+    fold: int
+    index: np.ndarray
+    labels: np.ndarray
+    logits: np.ndarray
+    metrics: dict
+    entry: dict
+
+
+Variants = dict[str, dict[int, FoldResult]]
+
+
+def load_cv(path: Path) -> tuple[Variants, int] | None:
+    """Completed (variant, fold) entries of a cross-validation file and its number of folds; None if absent.
+
+    Metrics are recomputed from the stored logits so every number in the report has one source.
+    """
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    if "labels" not in results or "folds" not in results:
+        raise ValueError(f"{path} lacks 'labels' or 'folds'; keys are {sorted(results)}")
+    labels = np.asarray(results["labels"], dtype=np.int64)
+    assignment = results.get("assignment")
+    n_folds = len(set(assignment)) if assignment else len(results["folds"])
+    variants: Variants = {}
+    for fold_key, fold_entries in results["folds"].items():
+        for variant, entry in (fold_entries or {}).items():
+            if not entry or "logits" not in entry or "index" not in entry:
+                continue
+            index = np.asarray(entry["index"], dtype=np.int64)
+            logits = np.asarray(entry["logits"], dtype=np.float64)
+            if logits.ndim != 2 or len(index) != len(logits) or len(index) == 0:
+                continue
+            fold_labels = labels[index]
+            metrics = classification_metrics(fold_labels, softmax(logits))
+            variants.setdefault(variant, {})[int(fold_key)] = FoldResult(
+                int(fold_key), index, fold_labels, logits, metrics, entry)
+    for variant in variants:
+        variants[variant] = dict(sorted(variants[variant].items()))
+    return variants, n_folds
+
+
+def pool(folds: dict[int, FoldResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, logits and fold id of every held-out field, concatenated over folds."""
+    labels = np.concatenate([r.labels for r in folds.values()])
+    logits = np.concatenate([r.logits for r in folds.values()])
+    fold_ids = np.concatenate([np.full(len(r.labels), r.fold) for r in folds.values()])
+    return labels, logits, fold_ids
+
+
+def crossfit_calibration(labels: np.ndarray, logits: np.ndarray, fold_ids: np.ndarray) -> dict | None:
+    """Leave-one-fold-out temperature and review threshold, scored on the fold left out.
+
+    The headline temperature is fitted on the same OOF data it is judged on, which flatters it; this
+    fits on the other folds only, so the ECE and precision here are what a new fold would see.
+    """
+    folds = np.unique(fold_ids)
+    if len(folds) < 2:
+        return None
+    calibrated = np.empty_like(logits)
+    accepted = np.zeros(len(labels), bool)
+    for fold in folds:
+        test = fold_ids == fold
+        temperature = fit_temperature(labels[~test], logits[~test])
+        train_probabilities = softmax(logits[~test] / temperature)
+        threshold = review_threshold(labels[~test], train_probabilities, target_precision=TARGET_PRECISION)
+        calibrated[test] = logits[test] / temperature
+        accepted[test] = softmax(calibrated[test]).max(axis=1) >= threshold["threshold"]
+    probabilities = softmax(calibrated)
+    correct = probabilities.argmax(axis=1) == labels
+    return {
+        "ece": expected_calibration_error(labels, probabilities),
+        "accepted_precision": float(correct[accepted].mean()) if accepted.any() else float("nan"),
+        "review_fraction": float(1 - accepted.mean()),
+    }
+
+
+def final_training_seconds(log_path: Path) -> float | None:
+    """Seconds the final model took, from the first ``phase 4 done at X s`` line of the study log."""
+    if not log_path.exists():
+        return None
+    match = re.search(r"phase 4 done at ([0-9.]+)s", log_path.read_text())
+    return float(match.group(1)) if match else None
+
+
+def _clean(value):
+    """JSON-safe copy: NaN becomes null, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.{digits}f}%"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _folds_text(folds: list[int], n_folds: int) -> str:
+    return f"fold{'s' if len(folds) != 1 else ''} {', '.join(map(str, folds))} of {n_folds}"
+
+
+def _plot_reliability(path: Path, labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray,
+                      temperature: float) -> None:
+    figure = Figure(figsize=(5, 5), dpi=120)
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for probabilities, name, marker in ((raw, "uncalibrated", "o"), (calibrated, f"T = {temperature:.2f}", "s")):
+        curve = reliability_curve(labels, probabilities)
+        ece = expected_calibration_error(labels, probabilities)
+        axes.plot(curve["confidence"], curve["accuracy"], marker=marker, label=f"{name} (ECE {ece:.3f})")
+    axes.set_xlabel("top-class confidence")
+    axes.set_ylabel("accuracy")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.02)
+    axes.set_title("Reliability, out-of-fold (block split)")
+    axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _plot_confusion(path: Path, confusion: np.ndarray) -> None:
+    figure = Figure(figsize=(5, 4.3), dpi=120)
+    axes = figure.add_subplot()
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(confusion.shape[0]):
+        for j in range(confusion.shape[1]):
+            axes.text(j, i, f"{confusion[i, j]}\n{100 * rates[i, j]:.1f}%", ha="center", va="center",
+                      fontsize=8, color="white" if rates[i, j] > 0.6 else "black")
+    axes.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    axes.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title("Confusion, out-of-fold (block split)")
+    figure.colorbar(image, ax=axes, fraction=0.046, label="row rate")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _plot_ablation(path: Path, variants: Variants) -> None:
+    names = [name for name in variants if name != "full"]
+    figure = Figure(figsize=(3.2 * len(PAIRED_KEYS), 3.8), dpi=120)
+    for k, (key, title) in enumerate(PAIRED_KEYS):
+        axes = figure.add_subplot(1, len(PAIRED_KEYS), k + 1)
+        for i, name in enumerate(names):
+            shared = [f for f in variants[name] if f in variants["full"]]
+            for offset, source, colour in ((-0.2, "full", "tab:blue"), (0.2, name, "tab:orange")):
+                values = [variants[source][f].metrics[key] for f in shared]
+                if not values:
+                    continue
+                axes.bar(i + offset, np.mean(values), width=0.38, color=colour, alpha=0.6,
+                         label=("full" if source == "full" else "variant") if i == 0 else None)
+                axes.scatter([i + offset] * len(values), values, color="black", s=12, zorder=3)
+        axes.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        low = min([r.metrics[key] for v in variants.values() for r in v.values()] + [1.0])
+        axes.set_ylim(max(0.0, low - 0.05), 1.0)
+        axes.set_title(f"{title} (paired folds)")
+    figure.axes[0].legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 1000) -> str:
+    """Write ``docs_dir/results.md`` with plots and ``study_dir/final/calibration.json``; return a summary."""
+    study_dir, docs_dir = Path(study_dir), Path(docs_dir)
+    block_path = study_dir / "cv" / "cv_block.json"
+    loaded = load_cv(block_path)
+    if loaded is None:
+        raise FileNotFoundError(f"no block cross-validation results at {block_path}")
+    variants, n_folds = loaded
+    if "full" not in variants:
+        raise ValueError(f"no fold in {block_path} has a completed 'full' entry")
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    full = variants["full"]
+    full_folds = list(full)
+    labels, logits, fold_ids = pool(full)
+    raw = softmax(logits)
+    oof = classification_metrics(labels, raw)
+    intervals = bootstrap_intervals(labels, raw, rounds=bootstrap_rounds)
+
+    md: list[str] = [f"# Study results: `{study_dir.name}`", ""]
+    md.append("Written by `hybridcn report`. All numbers are computed from the stored out-of-fold (OOF) logits; "
+              "a fold the GPU budget did not finish is left out, never filled in.")
+    md.append("")
+    config_path = study_dir / "final" / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        options, profile = config.get("options", {}), config.get("profile", {})
+        md.append(f"Final model: profile `{profile.get('name')}`, {options.get('seg_epochs')} segmentation / "
+                  f"{options.get('backbone_epochs')} backbone / {options.get('head_epochs')} head epochs, batch "
+                  f"{options.get('batch_size')}, lr {options.get('lr')}, label smoothing "
+                  f"{options.get('label_smoothing')}, seed {options.get('seed')}.")
+        md.append("")
+
+    # 1. out-of-fold metrics
+    md += ["## 1. Out-of-fold metrics of the full model (block split)", ""]
+    md.append(f"Held-out fields pooled over {_folds_text(full_folds, n_folds)}: n = {len(labels)}. "
+              f"Intervals: percentile bootstrap over fields ({bootstrap_rounds} rounds). Fields of one block are "
+              "correlated (consecutive captures, twins), so these intervals are narrower than the truth; "
+              "the spread over folds is the more honest uncertainty.")
+    md.append("")
+    rows = []
+    for key, title in SUMMARY_KEYS:
+        per_fold = [r.metrics[key] for r in full.values()]
+        interval = intervals.get(key)
+        spread = f"{np.mean(per_fold):.4f} ± {np.std(per_fold, ddof=1):.4f}" if len(per_fold) > 1 else "n/a (1 fold)"
+        rows.append([title, _num(oof[key]), f"[{_num(interval[0])}, {_num(interval[1])}]" if interval else "n/a",
+                     spread])
+    md += [_table(["Metric", "OOF", "95% bootstrap interval", "Mean ± SD over folds"], rows), ""]
+    md += ["### Per fold", ""]
+    rows = [[str(r.fold), str(len(r.labels)), _num(r.metrics["accuracy"]), _num(r.metrics["balanced_accuracy"]),
+             _num(r.metrics["macro_auc"]), _num(r.metrics["mcc"]), f"{r.entry.get('seconds', float('nan')):.0f}"]
+            for r in full.values()]
+    md += [_table(["Fold", "n", "Accuracy", "Balanced acc.", "Macro AUC", "MCC", "Train s"], rows), ""]
+    md += ["### Per class (OOF)", ""]
+    rows = [[name, str(v["n"]), _num(v["sensitivity"]), _num(v["specificity"])] for name, v in oof["per_class"].items()]
+    md += [_table(["Class", "n", "Sensitivity", "Specificity"], rows), ""]
+    md += ["### Confusion matrix (OOF; rows true, columns predicted)", ""]
+    confusion = np.asarray(oof["confusion"])
+    md += [_table(["true \\ predicted", *CLASS_NAMES],
+                  [[CLASS_NAMES[i], *map(str, row)] for i, row in enumerate(confusion)]), ""]
+    _plot_confusion(docs_dir / "confusion_matrix.png", confusion)
+    md += ["![confusion matrix](confusion_matrix.png)", ""]
+
+    # 2. calibration
+    temperature = fit_temperature(labels, logits)
+    calibrated = softmax(logits / temperature)
+    ece_before = expected_calibration_error(labels, raw)
+    ece_after = expected_calibration_error(labels, calibrated)
+    review = review_threshold(labels, calibrated, target_precision=TARGET_PRECISION)
+    crossfit = crossfit_calibration(labels, logits, fold_ids)
+    _plot_reliability(docs_dir / "reliability.png", labels, raw, calibrated, temperature)
+    md += ["## 2. Calibration and the review threshold", ""]
+    md.append(f"Temperature scaling (Guo et al. 2017) fitted on the OOF logits of the full model "
+              f"({len(labels)} fields): T = {temperature:.3f}. It is fitted and scored on the same OOF data, "
+              "and the CV models trained fewer backbone epochs than the shipped model, so it is a proxy for "
+              "the shipped model's temperature.")
+    md.append("")
+    rows = [["ECE (15 bins), uncalibrated", _num(ece_before)], ["ECE (15 bins), T applied", _num(ece_after)],
+            [f"Review threshold (auto-accept precision ≥ {TARGET_PRECISION})", _num(review["threshold"])],
+            ["Precision of auto-accepted fields", _num(review["accepted_precision"])],
+            ["Fraction sent to review", _pct(review["review_fraction"], 1)]]
+    if crossfit is not None:
+        rows += [["Leave-one-fold-out: ECE", _num(crossfit["ece"])],
+                 ["Leave-one-fold-out: precision of auto-accepted", _num(crossfit["accepted_precision"])],
+                 ["Leave-one-fold-out: fraction sent to review", _pct(crossfit["review_fraction"], 1)]]
+    md += [_table(["Quantity", "Value"], rows), ""]
+    if crossfit is not None:
+        md.append("Leave-one-fold-out rows fit T and the threshold on the other folds and score the fold left out.")
+        md.append("")
+    md += ["![reliability diagram](reliability.png)", ""]
+
+    # 3. ablations
+    md += ["## 3. Ablations (paired with the full model on the same folds)", ""]
+    ablations = [name for name in variants if name != "full"]
+    if not ablations:
+        md += ["No ablation finished.", ""]
+    else:
+        md.append("Paired t-test and Wilcoxon signed-rank test (Wilcoxon 1945) of variant vs full over folds, "
+                  "two-sided. A test needs at least 2 paired folds; where there are fewer, no p-value is given.")
+        md.append("")
+        rows = []
+        for name in ablations:
+            shared = [f for f in variants[name] if f in full]
+            for key, title in PAIRED_KEYS:
+                a = [variants[name][f].metrics[key] for f in shared]
+                b = [full[f].metrics[key] for f in shared]
+                test = paired_tests(a, b)
+                rows.append([name, title, ", ".join(map(str, shared)) or "none",
+                             " / ".join(_num(x) for x in a), " / ".join(_num(x) for x in b),
+                             f"{test.mean_difference:+.4f}" if shared else "n/a",
+                             format_pvalue(test.t_pvalue, test.t_note),
+                             format_pvalue(test.wilcoxon_pvalue, test.wilcoxon_note)])
+        md += [_table(["Variant", "Metric", "Paired folds", "Variant per fold", "Full per fold", "Mean Δ",
+                       "t-test p", "Wilcoxon p"], rows), ""]
+        md.append(f"With k folds the smallest two-sided exact Wilcoxon p is 2/2^k ({wilcoxon_min_pvalue(n_folds):.3g} "
+                  f"for all {n_folds} folds), so a fold-level test cannot reach 0.05 below 6 folds.")
+        md.append("")
+        _plot_ablation(docs_dir / "ablation.png", variants)
+        md += ["![ablations](ablation.png)", ""]
+
+    # 4. paper profile
+    paper = load_cv(study_dir / "cv_paper" / "cv_block.json")
+    if paper is not None and "full" in paper[0]:
+        md += ["## 4. Paper profile vs compact profile (block split)", ""]
+        rows = []
+        for f, r in paper[0]["full"].items():
+            compact = full.get(f)
+            rows.append([str(f), str(len(r.labels)), _num(r.metrics["accuracy"]), _num(r.metrics["mcc"]),
+                         _num(r.metrics["macro_auc"]), _num(compact.metrics["accuracy"]) if compact else "n/a",
+                         _num(compact.metrics["mcc"]) if compact else "n/a"])
+        md += [_table(["Fold", "n", "Paper acc.", "Paper MCC", "Paper AUC", "Compact acc.", "Compact MCC"], rows), ""]
+    else:
+        md += ["## 4. Paper profile", "", "Not run (no `cv_paper/cv_block.json`).", ""]
+
+    # 5. leaky random split
+    random_cv = load_cv(study_dir / "cv" / "cv_random.json")
+    md += ["## 5. Leaky random split vs block split", ""]
+    if random_cv is not None and "full" in random_cv[0]:
+        r_labels, r_logits, _ = pool(random_cv[0]["full"])
+        r_metrics = classification_metrics(r_labels, softmax(r_logits))
+        md.append("The random split puts near-duplicate captures of one smear on both sides (leaky, as in the "
+                  "paper); the block split keeps them together. The gap is the leak.")
+        md.append("")
+        rows = [[title, _num(r_metrics[key]), _num(oof[key])] for key, title in SUMMARY_KEYS]
+        rows.append(["Folds", _folds_text(list(random_cv[0]["full"]), random_cv[1]), _folds_text(full_folds, n_folds)])
+        md += [_table(["Metric", "Random split (leaky)", "Block split"], rows), ""]
+    else:
+        md += ["Not run (no `cv/cv_random.json`).", ""]
+
+    # 6. shortcut audit
+    md += ["## 6. Shortcut audit", ""]
+    shortcuts_path = study_dir / "shortcuts.json"
+    if shortcuts_path.exists():
+        shortcuts = json.loads(shortcuts_path.read_text())
+        chance = shortcuts.get("chance_accuracy")
+        md.append("Block-CV accuracy of a logistic regression on acquisition artefacts alone (no cell content); "
+                  f"chance (majority class) is {_pct(chance, 1)}.")
+        md.append("")
+        rows = [[name.replace("_", " "), _pct(v["block_cv_accuracy"], 1)]
+                for name, v in shortcuts.items() if isinstance(v, dict) and "block_cv_accuracy" in v]
+        md += [_table(["Probe features", "Block-CV accuracy"], rows), ""]
+    robust = [r for r in full.values() if "shortcut_robustness" in r.entry]
+    if robust:
+        md.append("The full model on held-out fields as they are, with the scale-bar corner blanked, and with "
+                  "the background (non-stained pixels) replaced by a neutral colour:")
+        md.append("")
+        rows = []
+        for r in robust:
+            s = r.entry["shortcut_robustness"]
+            rows.append([str(r.fold), _pct(s["as_is"]), _pct(s["corner_blanked"]), _pct(s["background_replaced"]),
+                         f"{100 * (s['background_replaced'] - s['as_is']):+.1f} pt"])
+        weights = np.array([len(r.labels) for r in robust], float)
+        pooled = {k: float(np.average([r.entry["shortcut_robustness"][k] for r in robust], weights=weights))
+                  for k in ("as_is", "corner_blanked", "background_replaced")}
+        rows.append(["pooled", _pct(pooled["as_is"]), _pct(pooled["corner_blanked"]),
+                     _pct(pooled["background_replaced"]),
+                     f"{100 * (pooled['background_replaced'] - pooled['as_is']):+.1f} pt"])
+        md += [_table(["Fold", "As is", "Corner blanked", "Background replaced", "Δ background"], rows), ""]
+
+    # 7. segmentation
+    md += ["## 7. Segmentation (Attention U-Net vs cleaned `Segmented/` masks)", ""]
+    segmented = [r for r in full.values() if "segmentation" in r.entry]
+    if segmented:
+        rows = [[str(r.fold), str(r.entry["segmentation"]["n"]), _num(r.entry["segmentation"]["dice"]),
+                 _num(r.entry["segmentation"]["iou"])] for r in segmented]
+        md += [_table(["Fold", "Masks", "Dice", "IoU"], rows), ""]
+    else:
+        md += ["No segmentation scores stored.", ""]
+
+    # 8. compute
+    seconds = final_training_seconds(study_dir / "log.txt")
+    md += ["## 8. Compute", ""]
+    final_text = f"{seconds:.0f} s" if seconds is not None else "not recorded"
+    fold_text = ", ".join(f"fold {r.fold}: {r.entry.get('seconds', float('nan')):.0f} s" for r in full.values())
+    md.append(f"Final model training (phases 1-4, from the log): {final_text}. CV `full` per fold "
+              f"(training and scoring): {fold_text}.")
+    md.append("")
+    (docs_dir / "results.md").write_text("\n".join(md))
+
+    calibration = {
+        "temperature": temperature,
+        "review_threshold": review["threshold"],
+        "target_precision": TARGET_PRECISION,
+        "review_fraction": review["review_fraction"],
+        "accepted_precision": review["accepted_precision"],
+        "ece_before": ece_before,
+        "ece_after": ece_after,
+        "fitted_on": f"out-of-fold logits of 'full', block split, folds {full_folds}",
+        "oof_metrics": {"n": oof["n"], **{key: oof[key] for key, _ in SUMMARY_KEYS},
+                        "intervals_95": intervals, "per_class": oof["per_class"], "confusion": oof["confusion"],
+                        "folds": full_folds, "n_folds": n_folds},
+    }
+    (study_dir / "final").mkdir(parents=True, exist_ok=True)
+    (study_dir / "final" / "calibration.json").write_text(json.dumps(_clean(calibration), indent=2))
+    acc_ci = intervals.get("accuracy", [float("nan")] * 2)
+    return (f"OOF block split ({_folds_text(full_folds, n_folds)}, n={oof['n']}): accuracy {oof['accuracy']:.4f} "
+            f"[{acc_ci[0]:.4f}, {acc_ci[1]:.4f}], MCC {oof['mcc']:.4f}, macro AUC {oof['macro_auc']:.4f}; "
+            f"T={temperature:.3f}, ECE {ece_before:.4f} -> {ece_after:.4f}; review threshold "
+            f"{review['threshold']:.4f} sends {100 * review['review_fraction']:.1f}% to review. "
+            f"Wrote {docs_dir / 'results.md'} and {study_dir / 'final' / 'calibration.json'}.")
