@@ -159,27 +159,37 @@ def _folds_text(folds: list[int], n_folds: int) -> str:
     return f"fold{'s' if len(folds) != 1 else ''} {', '.join(map(str, folds))} of {n_folds}"
 
 
+def _robustness_row(name: str, accuracy: dict) -> list[str]:
+    drop = 100 * (accuracy["background_replaced"] - accuracy["as_is"])
+    return [name, _pct(accuracy["as_is"]), _pct(accuracy["corner_blanked"]),
+            _pct(accuracy["background_replaced"]), f"{drop:+.1f} pt"]
+
+
 def _plot_reliability(path: Path, labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray,
                       temperature: float) -> None:
-    figure = Figure(figsize=(5, 5), dpi=120)
-    axes = figure.add_subplot()
-    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
-    for probabilities, name, marker in ((raw, "uncalibrated", "o"), (calibrated, f"T = {temperature:.2f}", "s")):
+    figure = Figure(figsize=(5, 6), dpi=120, layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    curves = ((raw, "uncalibrated", "o"), (calibrated, f"T = {temperature:.2f}", "s"))
+    edges = np.linspace(0, 1, 41)
+    for probabilities, name, marker in curves:
         curve = reliability_curve(labels, probabilities)
         ece = expected_calibration_error(labels, probabilities)
-        axes.plot(curve["confidence"], curve["accuracy"], marker=marker, label=f"{name} (ECE {ece:.3f})")
-    axes.set_xlabel("top-class confidence")
-    axes.set_ylabel("accuracy")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.02)
-    axes.set_title("Reliability, out-of-fold (block split)")
-    axes.legend(loc="upper left", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
+        top.plot(curve["confidence"], curve["accuracy"], marker=marker, label=f"{name} (ECE {ece:.3f})")
+        bottom.hist(probabilities.max(axis=1), bins=edges, histtype="step", label=name)
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.set_title("Reliability, out-of-fold (block split)")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("top-class confidence")
+    bottom.set_ylabel("fields")
+    figure.savefig(path, bbox_inches="tight")
 
 
 def _plot_confusion(path: Path, confusion: np.ndarray) -> None:
-    figure = Figure(figsize=(5, 4.3), dpi=120)
+    figure = Figure(figsize=(5, 4.3), dpi=120, layout="constrained")
     axes = figure.add_subplot()
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
@@ -193,13 +203,12 @@ def _plot_confusion(path: Path, confusion: np.ndarray) -> None:
     axes.set_ylabel("true")
     axes.set_title("Confusion, out-of-fold (block split)")
     figure.colorbar(image, ax=axes, fraction=0.046, label="row rate")
-    figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
 
 
 def _plot_ablation(path: Path, variants: Variants) -> None:
     names = [name for name in variants if name != "full"]
-    figure = Figure(figsize=(3.2 * len(PAIRED_KEYS), 3.8), dpi=120)
+    figure = Figure(figsize=(3.2 * len(PAIRED_KEYS), 4.0), dpi=120, layout="constrained")
     for k, (key, title) in enumerate(PAIRED_KEYS):
         axes = figure.add_subplot(1, len(PAIRED_KEYS), k + 1)
         for i, name in enumerate(names):
@@ -211,13 +220,14 @@ def _plot_ablation(path: Path, variants: Variants) -> None:
                 axes.bar(i + offset, np.mean(values), width=0.38, color=colour, alpha=0.6,
                          label=("full" if source == "full" else "variant") if i == 0 else None)
                 axes.scatter([i + offset] * len(values), values, color="black", s=12, zorder=3)
-        axes.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ticks = [f"{name} (k={sum(f in variants['full'] for f in variants[name])})" for name in names]
+        axes.set_xticks(range(len(names)), ticks, rotation=35, ha="right", fontsize=8)
         low = min([r.metrics[key] for v in variants.values() for r in v.values()] + [1.0])
         axes.set_ylim(max(0.0, low - 0.05), 1.0)
         axes.set_title(f"{title} (paired folds)")
-    figure.axes[0].legend(fontsize=8, loc="lower left")
-    figure.tight_layout()
-    figure.savefig(path)
+    handles, names = figure.axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside upper center", ncols=2, fontsize=8)
+    figure.savefig(path, bbox_inches="tight")
 
 
 def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 1000) -> str:
@@ -239,41 +249,42 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
     intervals = bootstrap_intervals(labels, raw, rounds=bootstrap_rounds)
 
     md: list[str] = [f"# Study results: `{study_dir.name}`", ""]
-    md.append("Written by `hybridcn report`. All numbers are computed from the stored out-of-fold (OOF) logits; "
-              "a fold the GPU budget did not finish is left out, never filled in.")
+    md.append("Written by `hybridcn report`. All numbers are computed from the stored out-of-fold (OOF) "
+              "logits; a fold the GPU budget did not finish is left out, never filled in.")
     md.append("")
     config_path = study_dir / "final" / "config.json"
     if config_path.exists():
         config = json.loads(config_path.read_text())
         options, profile = config.get("options", {}), config.get("profile", {})
-        md.append(f"Final model: profile `{profile.get('name')}`, {options.get('seg_epochs')} segmentation / "
-                  f"{options.get('backbone_epochs')} backbone / {options.get('head_epochs')} head epochs, batch "
-                  f"{options.get('batch_size')}, lr {options.get('lr')}, label smoothing "
+        md.append(f"Final model: profile `{profile.get('name')}`, {options.get('seg_epochs')} segmentation"
+                  f" / {options.get('backbone_epochs')} backbone / {options.get('head_epochs')} head epochs, "
+                  f"batch {options.get('batch_size')}, lr {options.get('lr')}, label smoothing "
                   f"{options.get('label_smoothing')}, seed {options.get('seed')}.")
         md.append("")
 
     # 1. out-of-fold metrics
     md += ["## 1. Out-of-fold metrics of the full model (block split)", ""]
     md.append(f"Held-out fields pooled over {_folds_text(full_folds, n_folds)}: n = {len(labels)}. "
-              f"Intervals: percentile bootstrap over fields ({bootstrap_rounds} rounds). Fields of one block are "
-              "correlated (consecutive captures, twins), so these intervals are narrower than the truth; "
+              f"Intervals: percentile bootstrap over fields ({bootstrap_rounds} rounds). Fields of one block "
+              "are correlated (consecutive captures, twins), so these intervals are narrower than the truth; "
               "the spread over folds is the more honest uncertainty.")
     md.append("")
     rows = []
     for key, title in SUMMARY_KEYS:
         per_fold = [r.metrics[key] for r in full.values()]
         interval = intervals.get(key)
-        spread = f"{np.mean(per_fold):.4f} ± {np.std(per_fold, ddof=1):.4f}" if len(per_fold) > 1 else "n/a (1 fold)"
-        rows.append([title, _num(oof[key]), f"[{_num(interval[0])}, {_num(interval[1])}]" if interval else "n/a",
-                     spread])
+        spread = (f"{np.mean(per_fold):.4f} ± {np.std(per_fold, ddof=1):.4f}" if len(per_fold) > 1
+                  else "n/a (1 fold)")
+        interval_text = f"[{_num(interval[0])}, {_num(interval[1])}]" if interval else "n/a"
+        rows.append([title, _num(oof[key]), interval_text, spread])
     md += [_table(["Metric", "OOF", "95% bootstrap interval", "Mean ± SD over folds"], rows), ""]
     md += ["### Per fold", ""]
-    rows = [[str(r.fold), str(len(r.labels)), _num(r.metrics["accuracy"]), _num(r.metrics["balanced_accuracy"]),
-             _num(r.metrics["macro_auc"]), _num(r.metrics["mcc"]), f"{r.entry.get('seconds', float('nan')):.0f}"]
-            for r in full.values()]
+    rows = [[str(r.fold), str(len(r.labels)), *(_num(r.metrics[key]) for key, _ in SUMMARY_KEYS),
+             f"{r.entry.get('seconds', float('nan')):.0f}"] for r in full.values()]
     md += [_table(["Fold", "n", "Accuracy", "Balanced acc.", "Macro AUC", "MCC", "Train s"], rows), ""]
     md += ["### Per class (OOF)", ""]
-    rows = [[name, str(v["n"]), _num(v["sensitivity"]), _num(v["specificity"])] for name, v in oof["per_class"].items()]
+    rows = [[name, str(v["n"]), _num(v["sensitivity"]), _num(v["specificity"])]
+            for name, v in oof["per_class"].items()]
     md += [_table(["Class", "n", "Sensitivity", "Specificity"], rows), ""]
     md += ["### Confusion matrix (OOF; rows true, columns predicted)", ""]
     confusion = np.asarray(oof["confusion"])
@@ -306,7 +317,8 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
                  ["Leave-one-fold-out: fraction sent to review", _pct(crossfit["review_fraction"], 1)]]
     md += [_table(["Quantity", "Value"], rows), ""]
     if crossfit is not None:
-        md.append("Leave-one-fold-out rows fit T and the threshold on the other folds and score the fold left out.")
+        md.append("Leave-one-fold-out rows fit T and the threshold on the other folds and score the fold "
+                  "left out.")
         md.append("")
     md += ["![reliability diagram](reliability.png)", ""]
 
@@ -316,8 +328,9 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
     if not ablations:
         md += ["No ablation finished.", ""]
     else:
-        md.append("Paired t-test and Wilcoxon signed-rank test (Wilcoxon 1945) of variant vs full over folds, "
-                  "two-sided. A test needs at least 2 paired folds; where there are fewer, no p-value is given.")
+        md.append("Paired t-test and Wilcoxon signed-rank test (Wilcoxon 1945) of variant vs full over "
+                  "folds, two-sided. A test needs at least 2 paired folds; where there are fewer, no p-value "
+                  "is given.")
         md.append("")
         rows = []
         for name in ablations:
@@ -333,8 +346,9 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
                              format_pvalue(test.wilcoxon_pvalue, test.wilcoxon_note)])
         md += [_table(["Variant", "Metric", "Paired folds", "Variant per fold", "Full per fold", "Mean Δ",
                        "t-test p", "Wilcoxon p"], rows), ""]
-        md.append(f"With k folds the smallest two-sided exact Wilcoxon p is 2/2^k ({wilcoxon_min_pvalue(n_folds):.3g} "
-                  f"for all {n_folds} folds), so a fold-level test cannot reach 0.05 below 6 folds.")
+        md.append(f"With k folds the smallest two-sided exact Wilcoxon p is 2/2^k "
+                  f"({wilcoxon_min_pvalue(n_folds):.3g} for all {n_folds} folds), so a fold-level test "
+                  "cannot reach 0.05 below 6 folds.")
         md.append("")
         _plot_ablation(docs_dir / "ablation.png", variants)
         md += ["![ablations](ablation.png)", ""]
@@ -347,9 +361,11 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
         for f, r in paper[0]["full"].items():
             compact = full.get(f)
             rows.append([str(f), str(len(r.labels)), _num(r.metrics["accuracy"]), _num(r.metrics["mcc"]),
-                         _num(r.metrics["macro_auc"]), _num(compact.metrics["accuracy"]) if compact else "n/a",
+                         _num(r.metrics["macro_auc"]),
+                         _num(compact.metrics["accuracy"]) if compact else "n/a",
                          _num(compact.metrics["mcc"]) if compact else "n/a"])
-        md += [_table(["Fold", "n", "Paper acc.", "Paper MCC", "Paper AUC", "Compact acc.", "Compact MCC"], rows), ""]
+        headers = ["Fold", "n", "Paper acc.", "Paper MCC", "Paper AUC", "Compact acc.", "Compact MCC"]
+        md += [_table(headers, rows), ""]
     else:
         md += ["## 4. Paper profile", "", "Not run (no `cv_paper/cv_block.json`).", ""]
 
@@ -359,11 +375,12 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
     if random_cv is not None and "full" in random_cv[0]:
         r_labels, r_logits, _ = pool(random_cv[0]["full"])
         r_metrics = classification_metrics(r_labels, softmax(r_logits))
-        md.append("The random split puts near-duplicate captures of one smear on both sides (leaky, as in the "
-                  "paper); the block split keeps them together. The gap is the leak.")
+        md.append("The random split puts near-duplicate captures of one smear on both sides (leaky, as in "
+                  "the paper); the block split keeps them together. The gap is the leak.")
         md.append("")
         rows = [[title, _num(r_metrics[key]), _num(oof[key])] for key, title in SUMMARY_KEYS]
-        rows.append(["Folds", _folds_text(list(random_cv[0]["full"]), random_cv[1]), _folds_text(full_folds, n_folds)])
+        rows.append(["Folds", _folds_text(list(random_cv[0]["full"]), random_cv[1]),
+                     _folds_text(full_folds, n_folds)])
         md += [_table(["Metric", "Random split (leaky)", "Block split"], rows), ""]
     else:
         md += ["Not run (no `cv/cv_random.json`).", ""]
@@ -374,28 +391,22 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
     if shortcuts_path.exists():
         shortcuts = json.loads(shortcuts_path.read_text())
         chance = shortcuts.get("chance_accuracy")
-        md.append("Block-CV accuracy of a logistic regression on acquisition artefacts alone (no cell content); "
-                  f"chance (majority class) is {_pct(chance, 1)}.")
+        md.append("Block-CV accuracy of a logistic regression on acquisition artefacts alone (no cell "
+                  f"content); chance (majority class) is {_pct(chance, 1)}.")
         md.append("")
         rows = [[name.replace("_", " "), _pct(v["block_cv_accuracy"], 1)]
                 for name, v in shortcuts.items() if isinstance(v, dict) and "block_cv_accuracy" in v]
         md += [_table(["Probe features", "Block-CV accuracy"], rows), ""]
     robust = [r for r in full.values() if "shortcut_robustness" in r.entry]
     if robust:
-        md.append("The full model on held-out fields as they are, with the scale-bar corner blanked, and with "
-                  "the background (non-stained pixels) replaced by a neutral colour:")
+        md.append("The full model on held-out fields as they are, with the scale-bar corner blanked, and "
+                  "with the background (non-stained pixels) replaced by a neutral colour:")
         md.append("")
-        rows = []
-        for r in robust:
-            s = r.entry["shortcut_robustness"]
-            rows.append([str(r.fold), _pct(s["as_is"]), _pct(s["corner_blanked"]), _pct(s["background_replaced"]),
-                         f"{100 * (s['background_replaced'] - s['as_is']):+.1f} pt"])
         weights = np.array([len(r.labels) for r in robust], float)
         pooled = {k: float(np.average([r.entry["shortcut_robustness"][k] for r in robust], weights=weights))
                   for k in ("as_is", "corner_blanked", "background_replaced")}
-        rows.append(["pooled", _pct(pooled["as_is"]), _pct(pooled["corner_blanked"]),
-                     _pct(pooled["background_replaced"]),
-                     f"{100 * (pooled['background_replaced'] - pooled['as_is']):+.1f} pt"])
+        rows = [_robustness_row(str(r.fold), r.entry["shortcut_robustness"]) for r in robust]
+        rows.append(_robustness_row("pooled", pooled))
         md += [_table(["Fold", "As is", "Corner blanked", "Background replaced", "Δ background"], rows), ""]
 
     # 7. segmentation
@@ -412,7 +423,8 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
     seconds = final_training_seconds(study_dir / "log.txt")
     md += ["## 8. Compute", ""]
     final_text = f"{seconds:.0f} s" if seconds is not None else "not recorded"
-    fold_text = ", ".join(f"fold {r.fold}: {r.entry.get('seconds', float('nan')):.0f} s" for r in full.values())
+    fold_text = ", ".join(f"fold {r.fold}: {r.entry.get('seconds', float('nan')):.0f} s"
+                          for r in full.values())
     md.append(f"Final model training (phases 1-4, from the log): {final_text}. CV `full` per fold "
               f"(training and scoring): {fold_text}.")
     md.append("")
@@ -428,14 +440,15 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
         "ece_after": ece_after,
         "fitted_on": f"out-of-fold logits of 'full', block split, folds {full_folds}",
         "oof_metrics": {"n": oof["n"], **{key: oof[key] for key, _ in SUMMARY_KEYS},
-                        "intervals_95": intervals, "per_class": oof["per_class"], "confusion": oof["confusion"],
-                        "folds": full_folds, "n_folds": n_folds},
+                        "intervals_95": intervals, "per_class": oof["per_class"],
+                        "confusion": oof["confusion"], "folds": full_folds, "n_folds": n_folds},
     }
     (study_dir / "final").mkdir(parents=True, exist_ok=True)
     (study_dir / "final" / "calibration.json").write_text(json.dumps(_clean(calibration), indent=2))
     acc_ci = intervals.get("accuracy", [float("nan")] * 2)
-    return (f"OOF block split ({_folds_text(full_folds, n_folds)}, n={oof['n']}): accuracy {oof['accuracy']:.4f} "
-            f"[{acc_ci[0]:.4f}, {acc_ci[1]:.4f}], MCC {oof['mcc']:.4f}, macro AUC {oof['macro_auc']:.4f}; "
+    return (f"OOF block split ({_folds_text(full_folds, n_folds)}, n={oof['n']}): "
+            f"accuracy {oof['accuracy']:.4f} [{acc_ci[0]:.4f}, {acc_ci[1]:.4f}], MCC {oof['mcc']:.4f}, "
+            f"macro AUC {oof['macro_auc']:.4f}; "
             f"T={temperature:.3f}, ECE {ece_before:.4f} -> {ece_after:.4f}; review threshold "
             f"{review['threshold']:.4f} sends {100 * review['review_fraction']:.1f}% to review. "
             f"Wrote {docs_dir / 'results.md'} and {study_dir / 'final' / 'calibration.json'}.")

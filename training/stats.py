@@ -17,7 +17,7 @@ from scipy import stats
 
 @dataclass(frozen=True)
 class PairedTest:
-    """Result of :func:`paired_tests`; a ``None`` p-value comes with the reason in ``t_note``/``wilcoxon_note``."""
+    """Result of :func:`paired_tests`; a ``None`` p-value comes with its reason in the matching note."""
 
     n: int
     mean_difference: float
@@ -47,7 +47,7 @@ def paired_tests(variant: Sequence[float], reference: Sequence[float], *, min_pa
     a = np.asarray(variant, dtype=np.float64)
     b = np.asarray(reference, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape:
-        raise ValueError(f"paired samples must be 1-D and the same length, got shapes {a.shape} and {b.shape}")
+        raise ValueError(f"paired samples must be 1-D of equal length, got shapes {a.shape} and {b.shape}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError(f"paired samples must be finite, got {a.tolist()} and {b.tolist()}")
     n = int(a.size)

@@ -1,0 +1,48 @@
+"""The served ensemble run in-process on ONNX Runtime, from the same repository files Triton loads.
+
+Used to check that Triton returns what the graphs compute, by ``hybridcn evaluate`` without a
+server, and as the in-process baseline of the benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.onnx_export import onnx_session
+from models.stages import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
+
+OUTPUTS = ("probabilities", "feature_attention", "mask", "attention")
+
+
+@dataclass(frozen=True)
+class EnsembleOutput:
+    probabilities: np.ndarray  # (N, C) float32
+    feature_attention: np.ndarray  # (N, T) float32
+    mask: np.ndarray  # (N, H, W) uint8
+    attention: np.ndarray  # (N, H, W) uint8
+
+    def item(self, index: int) -> EnsembleOutput:
+        return EnsembleOutput(*(getattr(self, name)[index : index + 1] for name in OUTPUTS))
+
+    @classmethod
+    def concatenate(cls, parts: list[EnsembleOutput]) -> EnsembleOutput:
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in OUTPUTS))
+
+
+class OnnxEnsemble:
+    """``infer(fields uint8 (N,H,W,3))`` through segmentation -> features -> head, like the ensemble."""
+
+    def __init__(self, repository: Path, *, threads: int = 0) -> None:
+        self.sessions = {
+            name: onnx_session(Path(repository) / name / "1" / "model.onnx", threads=threads)
+            for name in ("segmentation", "features", "head")
+        }
+
+    def infer(self, images: np.ndarray) -> EnsembleOutput:
+        mask, attention, segmented = self.sessions["segmentation"].run(list(SEGMENTATION_OUTPUTS), {"image": images})
+        (features,) = self.sessions["features"].run(list(FEATURE_OUTPUTS), {"segmented_image": segmented})
+        probabilities, feature_attention = self.sessions["head"].run(list(HEAD_OUTPUTS), {"features": features})
+        return EnsembleOutput(probabilities, feature_attention, mask, attention)

@@ -1,0 +1,78 @@
+"""The FastAPI gateway: CPU preprocessing in front of Triton, the web page at ``/``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from gateway.client import AsyncTritonClient
+from gateway.dependencies import GatewayState
+from gateway.errors import install_error_handlers
+from gateway.metrics import GatewayMetrics
+from gateway.routers import classify, health
+from gateway.service import ServedModel
+from gateway.settings import GatewaySettings, get_settings
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+logger = logging.getLogger("hybridcn.gateway")
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """Build the app; on startup it connects to ``settings.triton_url`` or starts the embedded Triton."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model = ServedModel.from_repository(settings.repository, review_threshold=settings.review_threshold)
+        server = None
+        url = settings.triton_url
+        if url is None:
+            from gateway.triton_launcher import EmbeddedTriton
+
+            server = EmbeddedTriton(settings.repository, ready_timeout=settings.triton_ready_timeout_s)
+            await anyio.to_thread.run_sync(server.start)
+            url = server.grpc_url
+            logger.info("embedded Triton ready at %s (http %s)", server.grpc_url, server.http_url)
+        client = AsyncTritonClient(url, inflight=settings.inflight, timeout_s=settings.triton_timeout_s)
+        threads = settings.preprocess_threads or (os.cpu_count() or 1)
+        app.state.gateway = GatewayState(settings, model, client, GatewayMetrics(), anyio.CapacityLimiter(threads))
+        app.state.triton_server = server
+        try:
+            yield
+        finally:
+            await client.close()
+            if server is not None:
+                await anyio.to_thread.run_sync(server.stop)
+
+    app = FastAPI(
+        title="HybridCN-NAS gateway",
+        version="0.1.0",
+        description="Acute lymphoblastic leukemia classification of peripheral blood smear fields "
+        "(Benign, Early Pre-B, Pre-B, Pro-B). Research use only; not a medical device.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(classify.router)
+    for router in _optional_routers():
+        app.include_router(router)
+    if (STATIC_DIR / "index.html").is_file():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="web")
+    return app
+
+
+def _optional_routers() -> list:
+    """Routers of features that live in their own modules (batch jobs), included when present."""
+    routers = []
+    try:
+        from gateway.routers import jobs
+    except ImportError:
+        return routers
+    routers.append(jobs.router)
+    return routers

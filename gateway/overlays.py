@@ -1,0 +1,60 @@
+"""Images for people: PNG data URLs of the field, its preprocessed form, mask and attention overlays, cell crops."""
+
+from __future__ import annotations
+
+import base64
+
+import cv2
+import numpy as np
+
+from preprocessing import split_cells
+
+
+def png_data_url(rgb: np.ndarray) -> str:
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+    ok, encoded = cv2.imencode(".png", bgr)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode()
+
+
+def rgba_map(values: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """A uint8 map (0-255) as a transparent RGBA layer of one colour, alpha = value."""
+    layer = np.zeros((*values.shape, 4), np.uint8)
+    layer[..., :3] = colour
+    layer[..., 3] = values
+    return layer
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+    """A uint8 map as an RGBA 'jet' heat layer with alpha growing with the value."""
+    colours = cv2.cvtColor(cv2.applyColorMap(values, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return np.dstack([colours, (values.astype(np.float32) * 0.85).astype(np.uint8)])
+
+
+def _rgba_png(rgba: np.ndarray) -> str:
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode()
+
+
+def cell_crops(rgb: np.ndarray, mask: np.ndarray, *, limit: int = 12, pad: int = 4) -> list[np.ndarray]:
+    _, cells = split_cells(mask)
+    crops = []
+    for cell in sorted(cells, key=lambda c: -c.area)[:limit]:
+        x, y, w, h = cell.bbox
+        crop = rgb[max(0, y - pad) : y + h + pad, max(0, x - pad) : x + w + pad]
+        crops.append(cv2.resize(crop, (64, 64), interpolation=cv2.INTER_AREA))
+    return crops
+
+
+def field_images(original: np.ndarray, preprocessed: np.ndarray, mask: np.ndarray, attention: np.ndarray) -> dict:
+    """Data URLs for the web page and reports (mask and attention as transparent overlays)."""
+    return {
+        "original": png_data_url(original),
+        "preprocessed": png_data_url(preprocessed),
+        "mask": _rgba_png(rgba_map(mask, (0, 200, 120))),
+        "attention": _rgba_png(heatmap(attention)),
+        "cells": [png_data_url(crop) for crop in cell_crops(original, mask)],
+    }

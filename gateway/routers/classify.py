@@ -1,0 +1,75 @@
+"""``POST /v1/classify``: one field in (multipart ``file`` or raw body), its diagnosis out."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+from fastapi import APIRouter, Query, Request
+
+from gateway.dependencies import State
+from gateway.errors import ApiError
+from gateway.overlays import field_images
+from gateway.schemas import Classification, Problem
+from gateway.service import interpret, prepare_bytes
+
+router = APIRouter(prefix="/v1", tags=["classify"])
+
+
+async def _read_upload(request: Request, limit: int) -> tuple[bytes, str | None]:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise ApiError(413, "too_large", f"upload of {declared} bytes is over the {limit}-byte limit")
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_part_size=limit)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "no_file", "multipart body has no 'file' part")
+        data = await upload.read()
+        filename = upload.filename
+    else:
+        data = await request.body()
+        filename = request.headers.get("x-filename")
+    if len(data) > limit:
+        raise ApiError(413, "too_large", f"upload of {len(data)} bytes is over the {limit}-byte limit")
+    return data, filename
+
+
+@router.post(
+    "/classify",
+    response_model=Classification,
+    response_model_exclude_none=True,
+    responses={code: {"model": Problem} for code in (400, 413, 415, 422, 503)},
+)
+async def classify_field(
+    request: Request,
+    state: State,
+    images: bool = Query(False, description="include PNG data URLs of the field, mask and attention"),
+) -> Classification:
+    """Classify one smear field: class, four probabilities, confidence, review flag and cell count."""
+    started = time.perf_counter()
+    data, filename = await _read_upload(request, state.settings.max_upload_bytes)
+    prepared = await anyio.to_thread.run_sync(prepare_bytes, data, state.model, limiter=state.cpu_limiter)
+    infer_start = time.perf_counter()
+    output = await state.client.infer(prepared.preprocessed[None])
+    infer_ms = round((time.perf_counter() - infer_start) * 1000, 2)
+    result = await anyio.to_thread.run_sync(
+        lambda: interpret(prepared, output, state.model, {"triton": infer_ms}), limiter=state.cpu_limiter
+    )
+    extra = {}
+    if images:
+        extra["images"] = await anyio.to_thread.run_sync(
+            field_images, prepared.original, prepared.preprocessed, output.mask[0], output.attention[0],
+            limiter=state.cpu_limiter,
+        )
+    result.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
+    metrics = state.metrics
+    metrics.requests.labels("ok").inc()
+    metrics.fields.labels(result.label).inc()
+    if result.needs_review:
+        metrics.reviews.inc()
+    for stage, ms in result.timings_ms.items():
+        metrics.stage_seconds.labels(stage).observe(ms / 1000.0)
+    return Classification(**result.to_dict(), review_threshold=state.model.review_threshold, filename=filename,
+                          **extra)

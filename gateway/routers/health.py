@@ -1,0 +1,34 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.dependencies import State
+from gateway.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def get_health(state: State) -> Health:
+    """Liveness: the gateway process answers."""
+    return Health(status="ok", model_version=state.model.model_version)
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+async def get_readiness(state: State):
+    """Readiness: Triton is up and the ``hybridcn_nas`` ensemble is loaded."""
+    ready = await state.client.ready()
+    state.metrics.triton_ready.set(1 if ready else 0)
+    body = Health(status="ready" if ready else "not ready", model_version=state.model.model_version,
+                  triton=state.client.url)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def get_metrics(state: State) -> Response:
+    """Prometheus text exposition of the gateway's counters and latency histograms."""
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,136 @@
+"""Orchestration around the served ensemble: prepare a field on the CPU, interpret Triton's answer.
+
+Shared by the REST gateway, ``hybridcn classify``, batch jobs and ``hybridcn evaluate``, so every
+path reports the same class, confidence, review flag and cell count for the same field.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.repository import read_manifest
+from export.runtime import EnsembleOutput
+from preprocessing import (
+    FieldQC,
+    PreprocessConfig,
+    StainReference,
+    decode_image,
+    enhance_field,
+    field_qc,
+    fit_field,
+    split_cells,
+)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the gateway needs to know about the model in a repository (read from its manifest)."""
+
+    model_version: str
+    classes: tuple[str, ...]
+    image_size: int
+    reference: StainReference
+    preprocess: PreprocessConfig
+    review_threshold: float
+    manifest: dict
+
+    @classmethod
+    def from_repository(cls, repository: Path, *, review_threshold: float | None = None) -> ServedModel:
+        manifest = read_manifest(repository)
+        profile = manifest["profile"]
+        return cls(
+            model_version=manifest["model_version"],
+            classes=tuple(profile["classes"]),
+            image_size=int(profile["image_size"]),
+            reference=StainReference.from_dict(manifest["stain_reference"]),
+            preprocess=PreprocessConfig.from_dict(profile["preprocess"]),
+            review_threshold=float(review_threshold if review_threshold is not None else manifest["review_threshold"]),
+            manifest=manifest,
+        )
+
+
+@dataclass
+class PreparedField:
+    original: np.ndarray  # (S, S, 3) uint8, fitted to the model size
+    preprocessed: np.ndarray  # (S, S, 3) uint8, what Triton receives
+    qc: FieldQC
+    source_shape: tuple[int, int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FieldResult:
+    label: str
+    probabilities: dict[str, float]
+    confidence: float
+    needs_review: bool
+    review_reasons: list[str]
+    cell_count: int
+    cells: list[dict]
+    qc: dict
+    model_version: str
+    timings_ms: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label, "probabilities": self.probabilities, "confidence": self.confidence,
+            "needs_review": self.needs_review, "review_reasons": self.review_reasons,
+            "cell_count": self.cell_count, "cells": self.cells, "qc": self.qc,
+            "model_version": self.model_version, "timings_ms": self.timings_ms,
+        }
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 2)
+
+
+def prepare_array(rgb: np.ndarray, model: ServedModel) -> PreparedField:
+    """Fit, QC and preprocess an already decoded RGB field."""
+    start = time.perf_counter()
+    original = fit_field(rgb, model.image_size, max_aspect_ratio=model.preprocess.max_aspect_ratio)
+    qc = field_qc(original)
+    preprocessed = enhance_field(original, model.reference, model.preprocess)
+    return PreparedField(original, preprocessed, qc, rgb.shape[:2], {"preprocess": _ms(start)})
+
+
+def prepare_bytes(data: bytes, model: ServedModel) -> PreparedField:
+    """Decode and validate an upload, then :func:`prepare_array`; raises ``InvalidImageError``."""
+    start = time.perf_counter()
+    rgb = decode_image(data, max_pixels=model.preprocess.max_pixels, min_side=model.preprocess.min_side)
+    decode_ms = _ms(start)
+    prepared = prepare_array(rgb, model)
+    prepared.timings_ms = {"decode": decode_ms, **prepared.timings_ms}
+    return prepared
+
+
+def interpret(prepared: PreparedField, output: EnsembleOutput, model: ServedModel,
+              timings_ms: dict[str, float] | None = None) -> FieldResult:
+    """Class, confidence, review decision and watershed cell count for one field's ensemble output."""
+    start = time.perf_counter()
+    probabilities = output.probabilities[0].astype(float)
+    best = int(np.argmax(probabilities))
+    confidence = float(probabilities[best])
+    _, cells = split_cells(output.mask[0])
+    reasons = []
+    if confidence < model.review_threshold:
+        reasons.append(f"confidence {confidence:.3f} below review threshold {model.review_threshold:.3f}")
+    reasons += [f"field QC: {flag}" for flag in prepared.qc.flags]
+    if not cells:
+        reasons.append("no cells segmented")
+    timings = {**prepared.timings_ms, **(timings_ms or {}), "postprocess": _ms(start)}
+    return FieldResult(
+        label=model.classes[best],
+        probabilities={name: round(float(p), 6) for name, p in zip(model.classes, probabilities, strict=True)},
+        confidence=round(confidence, 6),
+        needs_review=bool(reasons),
+        review_reasons=reasons,
+        cell_count=len(cells),
+        cells=[{"bbox": list(c.bbox), "area": c.area, "centroid": [round(v, 1) for v in c.centroid]} for c in cells],
+        qc=prepared.qc.to_dict(),
+        model_version=model.model_version,
+        timings_ms=timings,
+    )

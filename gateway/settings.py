@@ -1,0 +1,31 @@
+"""Gateway settings from the environment (prefix ``HYBRIDCN_``), validated once and built lazily."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HYBRIDCN_", extra="ignore")
+
+    repository: Path = Field(DEFAULT_REPOSITORY, description="Triton model repository written by `hybridcn export`")
+    triton_url: str | None = Field(None, description="HOST:PORT of Triton gRPC; unset = start the embedded server")
+    max_upload_bytes: int = Field(40 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(64_000_000, gt=0)
+    inflight: int = Field(16, gt=0, description="concurrent Triton requests per gateway process")
+    preprocess_threads: int = Field(0, ge=0, description="0 = one per CPU core")
+    triton_timeout_s: float = Field(30.0, gt=0)
+    triton_ready_timeout_s: float = Field(120.0, gt=0)
+    review_threshold: float | None = Field(None, ge=0, le=1, description="override the calibrated threshold")
+    batch_jobs_dir: Path = Field(Path("batch-jobs"), description="where jobs submitted from the web page write")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> GatewaySettings:
+    return GatewaySettings()

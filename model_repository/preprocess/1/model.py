@@ -1,0 +1,1 @@
+from export.triton_models import PreprocessModel as TritonPythonModel  # noqa: F401
