@@ -117,6 +117,11 @@ def parse_config(text: str):
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
+def _python_model(class_name: str) -> bytes:
+    """A one-line ``model.py``: the logic lives in the installed package (``export.triton_models``)."""
+    return f"from export.triton_models import {class_name} as TritonPythonModel  # noqa: F401\n".encode()
+
+
 def _identity(names: tuple[str, ...]) -> dict[str, str]:
     return {name: name for name in names}
 
@@ -153,7 +158,7 @@ def write_repository(
     for stage, (stage_inputs, stage_outputs) in stage_io.items():
         files = {"1/model.onnx": onnx_files[stage].read_bytes()}
         if target == "embedded":
-            files["1/model.py"] = b"from export.triton_models import OnnxRuntimeModel as TritonPythonModel  # noqa: F401\n"
+            files["1/model.py"] = _python_model("OnnxRuntimeModel")
         if stage == "head":
             files["labels.txt"] = ("\n".join(profile["classes"]) + "\n").encode()
         write(stage, model_config(
@@ -168,7 +173,7 @@ def write_repository(
             "stain_reference": json.dumps(manifest["stain_reference"]),
             "preprocess": json.dumps(profile["preprocess"]),
         },
-    ), {"1/model.py": b"from export.triton_models import PreprocessModel as TritonPythonModel  # noqa: F401\n"})
+    ), {"1/model.py": _python_model("PreprocessModel")})
     outputs = [tensors[n] for n in ("probabilities", "feature_attention", "mask", "attention")]
     core_steps = [
         ("segmentation", {"image": "image"}, _identity(SEGMENTATION_OUTPUTS)),

@@ -11,7 +11,6 @@ from export.repository import ENSEMBLE
 from export.runtime import OUTPUTS, EnsembleOutput
 
 
-
 class TritonUnavailableError(RuntimeError):
     """Triton did not answer (down, not ready, timed out); the caller may retry."""
 

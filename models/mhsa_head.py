@@ -105,7 +105,8 @@ class MHSAHead(nn.Module):
         for layer in self.layers:
             x, weights = layer(x)
         logits = self.classifier(self.norm(x[:, 0])) / self.temperature
-        return logits, weights[:, 0, 1:]
+        cls_to_tokens = weights[:, 0, 1:]  # how much [CLS] drew from each feature token, renormalised
+        return logits, cls_to_tokens / cls_to_tokens.sum(dim=-1, keepdim=True)
 
 
 class MLPHead(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -50,7 +51,11 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
             "not_an_image", f"not a readable JPEG/PNG/TIFF/BMP image ({len(data)} bytes)"
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImageError("too_many_pixels", str(exc)) from exc
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{claimed.group(1)} pixels" if claimed else "too many pixels"
+        raise InvalidImageError(
+            "too_many_pixels", f"image header claims {size}, over the limit of {max_pixels} (decompression bomb?)"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise InvalidImageError("truncated", f"image data is corrupt or truncated: {exc}") from exc
     if min(width, height) < min_side:

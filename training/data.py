@@ -139,7 +139,7 @@ def block_folds(samples: list[Sample], *, folds: int = 5, block: int = 40, seed:
         by_digest: dict[str, int] = {}
         union = {b: b for b in groups}
 
-        def find(b: int) -> int:
+        def find(b: int, union: dict[int, int] = union) -> int:
             while union[b] != b:
                 b = union[b]
             return b

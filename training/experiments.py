@@ -94,13 +94,15 @@ def write_mask_cache(root: str | Path, out: str | Path, size: int = 224) -> dict
         names.append(f"{s.class_name}/{s.path.name}")
         packed.append(np.packbits(mask.reshape(-1)))
         ok.append(plausible)
-    np.savez_compressed(out, names=np.array(names), masks=np.stack(packed), ok=np.array(ok), shape=np.array([size, size]))
+    np.savez_compressed(out, names=np.array(names), masks=np.stack(packed), ok=np.array(ok),
+                        shape=np.array([size, size]))
     return {"masks": len(names), "plausible": int(np.sum(ok))}
 
 
 def variant_setup(profile: Profile, options: TrainOptions, variant: str) -> tuple[Profile, TrainOptions]:
     pre_changes, option_changes = ABLATIONS[variant]
-    return profile.with_changes(preprocess=replace(profile.preprocess, **pre_changes)), replace(options, **option_changes)
+    variant_profile = profile.with_changes(preprocess=replace(profile.preprocess, **pre_changes))
+    return variant_profile, replace(options, **option_changes)
 
 
 def _save_json(path: Path, data: dict) -> None:

@@ -118,13 +118,8 @@ def review_threshold(labels: np.ndarray, probabilities: np.ndarray, *, target_pr
     order = np.argsort(-confidence)
     cumulative = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
     ok = np.nonzero(cumulative >= target_precision)[0]
-    if len(ok) == 0:
-        threshold = 1.0
-    else:
-        # the largest accepted prefix whose precision stays above target from there on
-        valid = np.nonzero(np.minimum.accumulate(cumulative[::-1])[::-1] >= target_precision)[0]
-        last = valid.max() if len(valid) else ok.min()
-        threshold = float(confidence[order][last])
+    # the largest most-confident prefix whose precision meets the target
+    threshold = float(confidence[order][ok.max()]) if len(ok) else 1.0
     accepted = confidence >= threshold
     return {
         "threshold": threshold,

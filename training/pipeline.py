@@ -160,7 +160,8 @@ def train_segmentation(
             logits = logits.float()[:, 0]
             target = target.float()
             probability = torch.sigmoid(logits)
-            soft_dice = 1 - (2 * (probability * target).sum((1, 2)) + 1) / (probability.sum((1, 2)) + target.sum((1, 2)) + 1)
+            overlap = 2 * (probability * target).sum((1, 2)) + 1
+            soft_dice = 1 - overlap / (probability.sum((1, 2)) + target.sum((1, 2)) + 1)
             loss = F.binary_cross_entropy_with_logits(logits, target) + soft_dice.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -235,7 +236,8 @@ def train_backbones(
         trainer.train()
         order = torch.randperm(len(images), generator=generator)
         running, correct, seen = 0.0, 0, 0
-        for batch_index in _progress(range(steps_per_epoch), steps_per_epoch, f"backbones {epoch + 1}", options.progress):
+        batches = _progress(range(steps_per_epoch), steps_per_epoch, f"backbones {epoch + 1}", options.progress)
+        for batch_index in batches:
             index = order[batch_index * options.batch_size : (batch_index + 1) * options.batch_size].to(images.device)
             batch, _ = augment_batch(images[index], generator=generator)
             target = labels[index]

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hybridcn.profiles import get_profile
-from hybridcn.profiles import Profile
+from hybridcn.profiles import Profile, get_profile
 from training.experiments import ABLATIONS, HEAD_ONLY, crossvalidate, load_dataset, shortcut_probe
 from training.pipeline import TrainOptions, fit_pipeline
 
@@ -73,7 +72,8 @@ def run_study(data_dir: str, out_dir: Path, *, profile_name: str, options: Train
         (profile, cv_options, cv_dir, ["no_segmentation"], "block", folds),
     ]
     if paper_fold:
-        paper_options = replace(cv_options, batch_size=min(options.batch_size, 96), seg_epochs=max(4, options.seg_epochs // 2),
+        paper_options = replace(cv_options, batch_size=min(options.batch_size, 96),
+                                seg_epochs=max(4, options.seg_epochs // 2),
                                 backbone_epochs=min(cv_options.backbone_epochs, 10))
         steps.append((get_profile("paper"), paper_options, out_dir / "cv_paper", ["full"], "block", 1))
     steps += [

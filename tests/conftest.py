@@ -1,0 +1,86 @@
+"""Shared fixtures: synthetic fields, the real embedded Triton, and the gateway over real HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from hybridcn.synth import synth_field
+
+ROOT = Path(__file__).resolve().parent.parent
+REPOSITORY = ROOT / "model_repository"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def encode(rgb: np.ndarray, ext: str = ".png") -> bytes:
+    ok, data = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return data.tobytes()
+
+
+@pytest.fixture(scope="session")
+def fields() -> np.ndarray:
+    """Eight synthetic 224x224 fields, two per class, as uint8 RGB."""
+    return np.stack([synth_field(i % 4, seed=100 + i).image for i in range(8)])
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def triton_server():
+    """The real embedded tritonserver serving the shipped repository on free 127.0.0.1 ports."""
+    from gateway.triton_launcher import EmbeddedTriton
+
+    server = EmbeddedTriton(REPOSITORY, ready_timeout=180)
+    server.start()
+    yield server
+    server.stop()
+
+
+class LiveGateway:
+    def __init__(self, app, port: int) -> None:
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 120) -> LiveGateway:
+        self.thread.start()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("gateway did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def gateway(triton_server, tmp_path_factory) -> LiveGateway:
+    """The FastAPI gateway under uvicorn on a free port, talking gRPC to the session's Triton."""
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+    from gateway.triton_launcher import free_port
+
+    settings = GatewaySettings(repository=REPOSITORY, triton_url=triton_server.grpc_url,
+                               batch_jobs_dir=tmp_path_factory.mktemp("jobs"))
+    live = LiveGateway(create_app(settings), free_port()).start()
+    yield live
+    live.stop()

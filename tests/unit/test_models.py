@@ -1,0 +1,93 @@
+"""Networks: shapes and contracts of the Attention U-Net, the dual backbone, the MHSA head, the stages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hybridcn.profiles import CLASS_NAMES, PROFILES, get_profile
+from models import FeatureStage, HeadStage, SegmentationStage, create_model, list_models
+from models.stages import uint8_to_normalized
+from preprocessing.normalize import zscore
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return get_profile("tiny")
+
+
+def test_registry_and_profiles():
+    assert {"attention_unet", "hybrid_features", "mhsa_head", "mlp_head"} <= set(list_models())
+    assert set(PROFILES) >= {"compact", "paper"}
+    assert PROFILES["paper"].head.mrmr_k == 2000 and PROFILES["paper"].features.input_size == 331
+    assert PROFILES["paper"].features.convnext == "convnext_base"
+    assert PROFILES["compact"].classes == CLASS_NAMES == ("Benign", "Early", "Pre", "Pro")
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("resnet", PROFILES["tiny"])
+    with pytest.raises(ValueError, match="unknown profile"):
+        get_profile("huge")
+
+
+def test_profile_round_trips_through_dict():
+    for profile in PROFILES.values():
+        assert type(profile).from_dict(profile.to_dict()) == profile
+
+
+def test_attention_unet_returns_mask_logits_and_gate_maps(tiny):
+    unet = create_model("attention_unet", tiny).eval()
+    logits, gates = unet(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1, 64, 64)
+    assert len(gates) == tiny.segmentation.depth - 1
+    assert gates[-1].shape == (2, 1, 64, 64) and gates[0].shape == (2, 1, 32, 32)
+    assert all(((g >= 0) & (g <= 1)).all() for g in gates)
+
+
+def test_hybrid_features_concatenate_both_backbones(tiny):
+    features = create_model("hybrid_features", tiny).eval()
+    out = features(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, features.convnext_dim + features.nasnet_dim)
+    assert features.nasnet_dim == tiny.features.nasnet_num_features
+    only = create_model("hybrid_features", tiny, use_nasnet=False)
+    assert only.num_features == features.convnext_dim
+    with pytest.raises(ValueError, match="at least one backbone"):
+        create_model("hybrid_features", tiny, use_convnext=False, use_nasnet=False)
+
+
+def test_mhsa_head_selection_buffers_and_attention(tiny):
+    head = create_model("mhsa_head", tiny, num_features=100).eval()
+    mean, std = np.linspace(0, 1, 100), np.linspace(1, 2, 100)
+    index = np.arange(99, 99 - tiny.head.mrmr_k, -1)
+    head.selection.set_statistics(mean, std, index)
+    x = torch.randn(3, 100)
+    selected = head.selection(x)
+    expected = ((x.numpy() - mean) / std)[:, index]
+    np.testing.assert_allclose(selected.detach().numpy(), expected, atol=1e-5)
+    logits, attention = head(x)
+    assert logits.shape == (3, len(CLASS_NAMES))
+    assert attention.shape == (3, tiny.head.tokens)
+    np.testing.assert_allclose(attention.sum(1).detach().numpy(), 1.0, atol=1e-5)
+    assert set(head.state_dict()) >= {"selection.mean", "selection.std", "selection.index", "temperature"}
+    with pytest.raises(ValueError, match="multiple of token_dim"):
+        create_model("mhsa_head", tiny, num_features=100, k=30)
+
+
+def test_in_graph_zscore_matches_numpy_reference():
+    image = torch.randint(0, 255, (2, 16, 16, 3), dtype=torch.uint8)
+    ours = uint8_to_normalized(image).permute(0, 2, 3, 1).numpy()
+    for i in range(2):
+        np.testing.assert_allclose(ours[i], zscore(image[i].numpy(), axis=(0, 1)), atol=1e-4)
+
+
+def test_stages_take_uint8_and_name_their_outputs(tiny):
+    segmentation = SegmentationStage(create_model("attention_unet", tiny)).eval()
+    features = FeatureStage(create_model("hybrid_features", tiny)).eval()
+    head = HeadStage(create_model("mhsa_head", tiny, num_features=features.features.num_features)).eval()
+    image = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        mask, attention, segmented = segmentation(image)
+        probabilities, feature_attention = head(features(segmented))
+    assert mask.dtype == torch.uint8 and mask.shape == (2, 64, 64)
+    assert attention.dtype == torch.uint8 and segmented.shape == (2, 3, 64, 64)
+    np.testing.assert_allclose(probabilities.sum(1).numpy(), 1.0, atol=1e-5)
+    assert feature_attention.shape == (2, tiny.head.tokens)

@@ -1,0 +1,224 @@
+"""Pure preprocessing functions: decoding and validation, Reinhard, CLAHE, multiscale, z-score, QC, watershed."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from hybridcn.synth import synth_field
+from preprocessing import (
+    InvalidImageError,
+    PreprocessConfig,
+    StainReference,
+    decode_image,
+    field_qc,
+    fit_field,
+    fit_stain_reference,
+    preprocess_field,
+    reinhard_normalize,
+    split_cells,
+)
+from preprocessing.contrast import clahe_lightness, multiscale_enhance
+from preprocessing.normalize import fit_zscore, zscore
+from preprocessing.stain import blank_corner, corner_box, foreground_mask, lab_statistics
+
+
+@pytest.fixture(scope="module")
+def field() -> np.ndarray:
+    return synth_field(2, seed=7).image
+
+
+def _pil_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "BMP"])
+def test_decode_formats_give_rgb_uint8(field, fmt):
+    decoded = decode_image(_pil_bytes(Image.fromarray(field), fmt))
+    assert decoded.shape == field.shape and decoded.dtype == np.uint8
+    tolerance = 12 if fmt == "JPEG" else 0
+    assert np.abs(decoded.astype(int) - field.astype(int)).mean() <= tolerance
+
+
+def test_decode_applies_exif_orientation():
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, :40] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    decoded = decode_image(_pil_bytes(Image.fromarray(image), "JPEG", exif=exif))
+    assert decoded.shape == (80, 40, 3)
+    assert decoded[:40].mean() > 200 and decoded[40:].mean() < 50
+
+
+def test_decode_grayscale_and_alpha():
+    gray = decode_image(_pil_bytes(Image.fromarray(np.full((32, 32), 77, np.uint8)), "PNG"))
+    assert gray.shape == (32, 32, 3) and (gray == 77).all()
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:16, :, 3] = 255  # top opaque red, bottom transparent -> white
+    decoded = decode_image(_pil_bytes(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert tuple(decoded[0, 0]) == (200, 0, 0)
+    assert tuple(decoded[-1, -1]) == (255, 255, 255)
+
+
+def test_decode_16bit_tiffs_rescale_to_8bit():
+    gray16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, gray16)
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.dtype == np.uint8 and decoded.shape == (64, 64, 3)
+    assert decoded.max() == round(gray16.max() * 255 / 65535)
+    rgb16 = np.stack([gray16, gray16 // 2, np.full_like(gray16, 65535)], axis=-1)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgb16, photometric="rgb")
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.shape == (64, 64, 3) and (decoded[..., 2] == 255).all()
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", "empty"),
+        (b"hello, this is text and not an image", "not_an_image"),
+        (b"GIF89a" + b"\x00" * 64, "not_an_image"),
+    ],
+)
+def test_decode_rejects_bad_input_with_a_code(data, code):
+    with pytest.raises(InvalidImageError, match=code):
+        decode_image(data)
+
+
+def test_decode_rejects_truncated_jpeg(field):
+    data = _pil_bytes(Image.fromarray(field), "JPEG")
+    with pytest.raises(InvalidImageError, match="truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decode_rejects_decompression_bomb_before_decoding():
+    # a tiny PNG whose header claims 20000 x 20000 pixels
+    bomb = _pil_bytes(Image.new("L", (20000, 20000)), "PNG", optimize=True)
+    assert len(bomb) < 1_000_000
+    with pytest.raises(InvalidImageError, match="too_many_pixels.*400000000"):
+        decode_image(bomb, max_pixels=10_000_000)
+
+
+def test_decode_rejects_tiny_images():
+    medium = _pil_bytes(Image.new("L", (5000, 5000)), "PNG", optimize=True)
+    with pytest.raises(InvalidImageError, match="too_many_pixels.*5000x5000"):
+        decode_image(medium, max_pixels=1_000_000)
+    with pytest.raises(InvalidImageError, match="too_small"):
+        decode_image(_pil_bytes(Image.new("RGB", (8, 8)), "PNG"))
+
+
+def test_fit_field_resizes_and_refuses_strips(field):
+    assert fit_field(field, 224) is field
+    wide = cv2.resize(field, (448, 300))
+    assert fit_field(wide, 224).shape == (224, 224, 3)
+    with pytest.raises(InvalidImageError, match="bad_aspect_ratio"):
+        fit_field(np.zeros((50, 1000, 3), np.uint8), 224)
+
+
+def test_reinhard_matches_target_foreground_statistics(field):
+    reference = StainReference(mean=(150.0, 140.0, 120.0), std=(40.0, 8.0, 10.0))
+    normalized = reinhard_normalize(field, reference)
+    mean, std = lab_statistics(normalized, foreground_mask(field))
+    np.testing.assert_allclose(mean, reference.mean, atol=2.5)
+    np.testing.assert_allclose(std, reference.std, rtol=0.12, atol=1.5)
+
+
+def test_reinhard_ignores_background_and_corner(field):
+    reference = fit_stain_reference([field])
+    altered = field.copy()
+    background = ~foreground_mask(field)
+    altered[background] = (250, 250, 250)  # different pale background, same cells
+    rows, cols = corner_box(field.shape, corner_fraction=(0.12, 0.3))
+    altered[rows, cols] = 0  # a black scale-bar box
+    mean_a, _ = lab_statistics(field, foreground_mask(field))
+    mean_b, _ = lab_statistics(altered, foreground_mask(altered))
+    np.testing.assert_allclose(mean_a, mean_b, atol=3.0)
+    a = reinhard_normalize(field, reference)
+    b = reinhard_normalize(altered, reference)
+    cells = foreground_mask(field) & foreground_mask(altered)
+    assert np.abs(a[cells].astype(int) - b[cells].astype(int)).mean() < 4
+
+
+def test_blank_corner_paints_only_the_box(field):
+    marked = field.copy()
+    rows, cols = corner_box(field.shape, corner_fraction=(0.12, 0.3))
+    marked[rows, cols] = 0
+    out = blank_corner(marked)
+    assert out[rows, cols].std(axis=(0, 1)).max() == 0 and out[rows, cols].mean() > 150
+    outside = np.ones(field.shape[:2], bool)
+    outside[rows, cols] = False
+    assert (out[outside] == marked[outside]).all()
+
+
+def test_clahe_raises_local_contrast_of_a_flat_field():
+    rng = np.random.default_rng(0)
+    low = (120 + rng.integers(-6, 7, (128, 128, 1))).repeat(3, axis=2).astype(np.uint8)
+    out = clahe_lightness(low, clip_limit=3.0, tile_grid=4)
+    assert out.dtype == np.uint8 and out.shape == low.shape
+    assert out.std() > low.std() * 1.5
+    with pytest.raises(ValueError, match="clip_limit"):
+        clahe_lightness(low, clip_limit=0)
+
+
+def test_multiscale_enhance_keeps_flat_regions_and_boosts_edges():
+    image = np.full((64, 64, 3), 128, np.uint8)
+    image[:, 32:] = 90
+    out = multiscale_enhance(image, amount=1.0)
+    assert abs(int(out[5, 5, 0]) - 128) <= 1 and abs(int(out[5, 60, 0]) - 90) <= 1
+    edge_contrast = int(out[32, 30, 0]) - int(out[32, 33, 0])
+    assert edge_contrast > 38  # 38 = the original step
+    with pytest.raises(ValueError, match="differ in length"):
+        multiscale_enhance(image, sigmas=(1.0,), weights=(0.5, 0.5))
+
+
+def test_zscore_properties():
+    values = np.random.default_rng(1).normal(5, 3, (100, 4))
+    z = zscore(values, axis=0)
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=0), 1, atol=1e-4)
+    assert np.isfinite(zscore(np.ones((10, 3)), axis=0)).all()
+    mean, std = fit_zscore(values)
+    assert mean.dtype == np.float32 and std.shape == (4,)
+    with pytest.raises(ValueError, match="samples>=2"):
+        fit_zscore(values[:1])
+
+
+def test_preprocess_field_is_deterministic_uint8(field):
+    reference = fit_stain_reference([field])
+    config = PreprocessConfig()
+    a = preprocess_field(field, size=224, reference=reference, config=config)
+    b = preprocess_field(field, size=224, reference=reference, config=config)
+    assert a.dtype == np.uint8 and a.shape == (224, 224, 3) and (a == b).all()
+
+
+def test_field_qc_flags(field):
+    assert field_qc(field).flags == [] or field_qc(field).flags == ["blurred"]
+    empty = np.full((224, 224, 3), 238, np.uint8)
+    assert "empty" in field_qc(empty).flags
+    blurred = cv2.GaussianBlur(field, (0, 0), 6)
+    assert field_qc(blurred).blurred
+    white = np.full((224, 224, 3), 255, np.uint8)
+    assert field_qc(white).overexposed
+
+
+def test_watershed_splits_touching_cells():
+    mask = np.zeros((100, 140), np.uint8)
+    cv2.circle(mask, (45, 50), 25, 255, -1)
+    cv2.circle(mask, (90, 50), 25, 255, -1)  # overlaps the first
+    cv2.circle(mask, (125, 90), 6, 255, -1)  # a small separate cell
+    labels, cells = split_cells(mask, min_area=30)
+    assert len(cells) == 3
+    assert labels.max() == 3 and labels.dtype == np.int32
+    big = sorted(cells, key=lambda c: -c.area)[:2]
+    assert abs(big[0].centroid[0] - big[1].centroid[0]) > 30
+    assert split_cells(np.zeros((20, 20), np.uint8))[1] == []

@@ -1,0 +1,199 @@
+"""The study report on a small synthetic study, and the paired tests on examples with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.report import crossfit_calibration, final_training_seconds, pool, write_report
+from training.stats import format_pvalue, paired_tests, wilcoxon_min_pvalue
+
+N_FIELDS = 200
+N_FOLDS = 5
+
+
+def _logits(rng: np.random.Generator, labels: np.ndarray, *, strength: float,
+            error_rate: float) -> np.ndarray:
+    """Overconfident logits: the right class (or, for ``error_rate`` of fields, a wrong one) pushed up."""
+    predicted = labels.copy()
+    flip = rng.random(len(labels)) < error_rate
+    predicted[flip] = (labels[flip] + rng.integers(1, 4, flip.sum())) % 4
+    logits = rng.normal(0, 1, (len(labels), 4))
+    logits[np.arange(len(labels)), predicted] += strength
+    return logits
+
+
+def _cv(rng: np.random.Generator, labels: np.ndarray, assignment: np.ndarray,
+        variants: dict[str, list[int]]) -> dict:
+    # fold 3 started but empty, fold 4 absent: what a study cut short by its budget leaves
+    folds: dict[str, dict] = {"3": {}}
+    for variant, fold_list in variants.items():
+        for fold in fold_list:
+            index = np.nonzero(assignment == fold)[0]
+            entry = {"metrics": {}, "index": index.tolist(), "seconds": 10.0 + fold,
+                     "logits": _logits(rng, labels[index], strength=6.0,
+                                       error_rate=0.1 if variant == "full" else 0.2).tolist()}
+            if variant == "full":
+                entry["shortcut_robustness"] = {"as_is": 0.9, "corner_blanked": 0.9,
+                                                "background_replaced": 0.7}
+                entry["segmentation"] = {"dice": 0.85, "iou": 0.74, "n": len(index)}
+            folds.setdefault(str(fold), {})[variant] = entry
+    return {"split": "block", "assignment": assignment.tolist(), "labels": labels.tolist(), "folds": folds}
+
+
+def _study(tmp_path: Path, *, extras: bool = True, random_split: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    labels = np.arange(N_FIELDS) % 4
+    assignment = (np.arange(N_FIELDS) // 10) % N_FOLDS
+    study = tmp_path / "study"
+    (study / "cv").mkdir(parents=True)
+    (study / "final").mkdir()
+    cv = _cv(rng, labels, assignment, {"full": [0, 1, 2], "mlp_head": [0, 1], "no_mrmr": [0]})
+    (study / "cv" / "cv_block.json").write_text(json.dumps(cv))
+    if random_split:
+        leaky = _cv(rng, labels, assignment, {"full": [0, 1, 2, 3, 4]})
+        leaky["split"] = "random"
+        (study / "cv" / "cv_random.json").write_text(json.dumps(leaky))
+    if extras:
+        (study / "shortcuts.json").write_text(json.dumps({"background_colour": {"block_cv_accuracy": 0.6},
+                                                          "scale_bar_corner": {"block_cv_accuracy": 0.5},
+                                                          "chance_accuracy": 0.25}))
+        (study / "final" / "config.json").write_text(json.dumps({"profile": {"name": "compact"},
+                                                                 "options": {"backbone_epochs": 40}}))
+        (study / "log.txt").write_text("05:44:59 phase 2 done at 17.0s\n05:48:13 phase 4 done at 210.9s\n"
+                                       "05:50:07 phase 4 done at 106.9s\n")
+    return study
+
+
+def test_write_report_writes_tables_plots_and_calibration(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    docs = tmp_path / "docs"
+
+    summary = write_report(study, docs, bootstrap_rounds=50)
+
+    for name in ("results.md", "reliability.png", "confusion_matrix.png", "ablation.png"):
+        assert (docs / name).stat().st_size > 0, name
+    assert "folds 0, 1, 2 of 5" in summary
+    calibration = json.loads((study / "final" / "calibration.json").read_text())
+    assert calibration["temperature"] > 1.0  # the synthetic logits are overconfident
+    assert 0.0 <= calibration["review_threshold"] <= 1.0
+    assert 0.0 <= calibration["review_fraction"] <= 1.0
+    assert calibration["target_precision"] == 0.995
+    assert calibration["ece_after"] < calibration["ece_before"]
+    assert calibration["oof_metrics"]["n"] == 120  # 3 folds of 40 fields
+    assert calibration["oof_metrics"]["folds"] == [0, 1, 2]
+    low, high = calibration["oof_metrics"]["intervals_95"]["accuracy"]
+    assert low <= calibration["oof_metrics"]["accuracy"] <= high
+
+    results = (docs / "results.md").read_text()
+    assert "n/a (1 paired fold)" in results  # no_mrmr has fold 0 only: no p-value invented
+    assert "smallest reachable p with 2 pairs is 0.5" in results  # mlp_head pairs on folds 0 and 1
+    assert "Not run (no `cv/cv_random.json`)" in results
+    assert "| 0 | 40 | 0.8500 | 0.7400 |" in results
+    assert "210 s" in results or "211 s" in results
+
+
+def test_write_report_compares_the_leaky_random_split(tmp_path: Path) -> None:
+    study = _study(tmp_path, random_split=True)
+
+    write_report(study, tmp_path / "docs", bootstrap_rounds=20)
+
+    results = (tmp_path / "docs" / "results.md").read_text()
+    assert "Random split (leaky)" in results
+    assert "folds 0, 1, 2, 3, 4 of 5" in results
+
+
+def test_write_report_without_optional_inputs(tmp_path: Path) -> None:
+    study = _study(tmp_path, extras=False)
+
+    write_report(study, tmp_path / "docs", bootstrap_rounds=20)
+
+    results = (tmp_path / "docs" / "results.md").read_text()
+    assert "not recorded" in results
+    assert "Not run (no `cv_paper/cv_block.json`)" in results
+
+
+def test_write_report_rejects_a_study_without_block_cv(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no block cross-validation results"):
+        write_report(tmp_path, tmp_path / "docs")
+
+
+def test_write_report_rejects_a_study_without_a_full_fold(tmp_path: Path) -> None:
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "cv_block.json").write_text(json.dumps({"labels": [0, 1], "assignment": [0, 1],
+                                                               "folds": {"0": {}}}))
+    with pytest.raises(ValueError, match="completed 'full' entry"):
+        write_report(tmp_path, tmp_path / "docs")
+
+
+def test_crossfit_calibration_needs_two_folds(tmp_path: Path) -> None:
+    from training.report import load_cv
+
+    study = _study(tmp_path)
+    variants, _ = load_cv(study / "cv" / "cv_block.json")
+    labels, logits, fold_ids = pool(variants["full"])
+    assert crossfit_calibration(labels[fold_ids == 0], logits[fold_ids == 0], fold_ids[fold_ids == 0]) is None
+    result = crossfit_calibration(labels, logits, fold_ids)
+    assert 0.0 <= result["review_fraction"] <= 1.0
+
+
+def test_final_training_seconds_reads_the_first_phase_4_line(tmp_path: Path) -> None:
+    log = tmp_path / "log.txt"
+    log.write_text("phase 4 done at 210.9s\nphase 4 done at 106.9s\n")
+    assert final_training_seconds(log) == pytest.approx(210.9)
+    assert final_training_seconds(tmp_path / "missing.txt") is None
+
+
+def test_paired_tests_known_example() -> None:
+    # differences 1, 2, 3, 4: t = 2.5 / (1.29099 / 2) = 3.873 with 3 df; exact Wilcoxon p = 2 / 2^4
+    result = paired_tests([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
+    assert result.n == 4
+    assert result.mean_difference == pytest.approx(2.5)
+    assert result.t_pvalue == pytest.approx(0.030466, abs=1e-5)
+    assert result.wilcoxon_pvalue == pytest.approx(0.125)
+    assert "smallest reachable p with 4 pairs" in result.wilcoxon_note
+
+
+def test_paired_tests_clear_difference_gives_small_p() -> None:
+    reference = np.linspace(0.90, 0.94, 8)
+    variant = reference - np.linspace(0.05, 0.12, 8)
+    result = paired_tests(variant, reference)
+    assert result.t_pvalue < 1e-3
+    assert result.wilcoxon_pvalue == pytest.approx(2 / 2**8)
+    assert result.wilcoxon_note == ""
+
+
+def test_paired_tests_identical_samples_give_no_p_value() -> None:
+    result = paired_tests([0.9, 0.8, 0.85], [0.9, 0.8, 0.85])
+    assert result.t_pvalue is None and result.wilcoxon_pvalue is None
+    assert result.t_note == "n/a (no difference in any fold)"
+
+
+def test_paired_tests_too_few_pairs_or_constant_shift() -> None:
+    single = paired_tests([0.97], [0.95])
+    assert single.t_pvalue is None and single.t_note == "n/a (1 paired fold)"
+    assert single.mean_difference == pytest.approx(0.02)
+    shifted = paired_tests([0.91, 0.92, 0.93], [0.90, 0.91, 0.92])
+    assert shifted.t_pvalue is None and shifted.t_note == "n/a (differences have zero spread)"
+    assert shifted.wilcoxon_pvalue == pytest.approx(0.25)
+
+
+def test_paired_tests_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="equal length"):
+        paired_tests([0.9, 0.8], [0.9])
+    with pytest.raises(ValueError, match="finite"):
+        paired_tests([0.9, float("nan")], [0.9, 0.8])
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        wilcoxon_min_pvalue(0)
+
+
+def test_wilcoxon_floor_and_pvalue_format() -> None:
+    assert wilcoxon_min_pvalue(3) == pytest.approx(0.25)
+    assert wilcoxon_min_pvalue(1) == 1.0
+    assert format_pvalue(None, "n/a (1 paired fold)") == "n/a (1 paired fold)"
+    assert format_pvalue(0.0304663) == "0.0305"
+    assert format_pvalue(1e-7) == "<1e-4"
+    assert format_pvalue(0.5, "floor 0.5") == "0.5 (floor 0.5)"
