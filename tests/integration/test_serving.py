@@ -1,0 +1,216 @@
+"""The real embedded Triton over gRPC and HTTP, and the gateway over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from PIL import Image
+
+from export.runtime import OUTPUTS, OnnxEnsemble
+from gateway.client import TritonClient
+from gateway.service import ServedModel, prepare_array, prepare_bytes
+from tests.conftest import REPOSITORY, LiveGateway, encode
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def model() -> ServedModel:
+    return ServedModel.from_repository(REPOSITORY)
+
+
+@pytest.fixture(scope="module")
+def preprocessed(fields, model) -> np.ndarray:
+    return np.stack([prepare_array(f, model).preprocessed for f in fields])
+
+
+@pytest.fixture(scope="module")
+def in_process(preprocessed):
+    return OnnxEnsemble(REPOSITORY).infer(preprocessed)
+
+
+def _grpc_infer(url: str, images: np.ndarray) -> dict:
+    client = grpcclient.InferenceServerClient(url)
+    tensor = grpcclient.InferInput("image", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    result = client.infer("hybridcn_nas", [tensor])
+    return {name: result.as_numpy(name) for name in OUTPUTS}
+
+
+def test_ensemble_over_grpc_matches_in_process_onnx_runtime(triton_server, preprocessed, in_process):
+    served = _grpc_infer(triton_server.grpc_url, preprocessed)
+    assert np.abs(served["probabilities"] - in_process.probabilities).max() <= 1e-5
+    assert np.abs(served["feature_attention"] - in_process.feature_attention).max() <= 1e-5
+    assert (served["mask"] == in_process.mask).all() and (served["attention"] == in_process.attention).all()
+
+
+def test_ensemble_over_http_matches_in_process_onnx_runtime(triton_server, preprocessed, in_process):
+    client = httpclient.InferenceServerClient(triton_server.http_url)
+    tensor = httpclient.InferInput("image", list(preprocessed.shape), "UINT8")
+    tensor.set_data_from_numpy(preprocessed, binary_data=True)
+    result = client.infer("hybridcn_nas", [tensor])
+    assert np.abs(result.as_numpy("probabilities") - in_process.probabilities).max() <= 1e-5
+    assert client.is_model_ready("hybridcn_nas_raw")
+
+
+def test_raw_ensemble_takes_jpeg_bytes_and_runs_the_same_preprocessing(triton_server, fields, model):
+    jpeg = encode(fields[3], ".jpg")
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    tensor = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[jpeg]], dtype=object))
+    result = client.infer("hybridcn_nas_raw", [tensor])
+    local = prepare_bytes(jpeg, model).preprocessed
+    assert (result.as_numpy("image")[0] == local).all()
+    expected = OnnxEnsemble(REPOSITORY).infer(local[None]).probabilities
+    assert np.abs(result.as_numpy("probabilities") - expected).max() <= 1e-5
+
+
+def test_raw_ensemble_reports_a_bad_upload_and_keeps_serving(triton_server, fields):
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    bad = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
+    bad.set_data_from_numpy(np.array([[b"not an image at all"]], dtype=object))
+    with pytest.raises(Exception, match="not_an_image"):
+        client.infer("hybridcn_nas_raw", [bad])
+    good = grpcclient.InferInput("image_bytes", [1, 1], "BYTES")
+    good.set_data_from_numpy(np.array([[encode(fields[0])]], dtype=object))
+    assert client.infer("hybridcn_nas_raw", [good]).as_numpy("probabilities").shape == (1, 4)
+
+
+def test_concurrent_requests_share_one_channel(triton_server, preprocessed, in_process):
+    client = TritonClient(triton_server.grpc_url)
+    futures = [client.submit(preprocessed[i : i + 1]) for i in range(len(preprocessed))]
+    served = np.concatenate([f.result(timeout=60).probabilities for f in futures])
+    client.close()
+    assert np.abs(served - in_process.probabilities).max() <= 1e-5
+
+
+def test_gateway_classifies_multipart_and_raw_uploads(gateway, fields, model, in_process):
+    png = encode(fields[1])
+    raw = httpx.post(f"{gateway.url}/v1/classify", content=png, headers={"content-type": "image/png"}, timeout=60)
+    assert raw.status_code == 200, raw.text
+    body = raw.json()
+    assert body["label"] in model.classes and set(body["probabilities"]) == set(model.classes)
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
+    assert body["probabilities"][body["label"]] == body["confidence"]
+    np.testing.assert_allclose(list(body["probabilities"].values()), in_process.probabilities[1], atol=1e-5)
+    assert body["model_version"] == model.model_version
+    assert body["review_threshold"] == pytest.approx(model.review_threshold)
+    assert isinstance(body["needs_review"], bool) and body["cell_count"] == len(body["cells"])
+    assert {"decode", "preprocess", "triton", "postprocess", "total"} <= set(body["timings_ms"])
+    multipart = httpx.post(f"{gateway.url}/v1/classify", params={"images": "true"},
+                           files={"file": ("field.png", png, "image/png")}, timeout=60)
+    assert multipart.status_code == 200
+    assert multipart.json()["probabilities"] == body["probabilities"]
+    assert multipart.json()["filename"] == "field.png"
+    assert multipart.json()["images"]["mask"].startswith("data:image/png;base64,")
+
+
+def _tiff16(size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(size * size).reshape(size, size) % 65535).astype(np.uint16)).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        (b"", 400, "empty"),
+        (b"plain text, definitely not a smear", 415, "not_an_image"),
+        ("truncated", 400, "truncated"),
+        ("huge", 413, "too_many_pixels"),
+        ("strip", 422, "bad_aspect_ratio"),
+    ],
+)
+def test_gateway_rejects_bad_input_then_serves_the_next_request(gateway, fields, payload, status, code):
+    if payload == "truncated":
+        full = encode(fields[0], ".jpg")
+        payload = full[: len(full) // 3]
+    elif payload == "huge":
+        buffer = io.BytesIO()
+        Image.new("L", (12000, 12000)).save(buffer, "PNG")
+        payload = buffer.getvalue()
+    elif payload == "strip":
+        payload = encode(np.full((40, 800, 3), 200, np.uint8))
+    response = httpx.post(f"{gateway.url}/v1/classify", content=payload, timeout=60)
+    assert response.status_code == status, response.text
+    assert response.json()["code"] == code and response.json()["detail"]
+    follow_up = httpx.post(f"{gateway.url}/v1/classify", content=encode(fields[2]), timeout=60)
+    assert follow_up.status_code == 200
+
+
+def test_gateway_accepts_a_16bit_tiff(gateway):
+    response = httpx.post(f"{gateway.url}/v1/classify", content=_tiff16(256), timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_gateway_refuses_oversized_uploads(triton_server, fields, tmp_path):
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+    from gateway.triton_launcher import free_port
+
+    settings = GatewaySettings(repository=REPOSITORY, triton_url=triton_server.grpc_url, max_upload_bytes=10_000)
+    live = LiveGateway(create_app(settings), free_port()).start()
+    try:
+        response = httpx.post(f"{live.url}/v1/classify", content=b"\xff" * 50_000, timeout=30)
+        assert response.status_code == 413 and response.json()["code"] == "too_large"
+    finally:
+        live.stop()
+
+
+def test_health_readiness_metrics_and_openapi(gateway, fields):
+    assert httpx.get(f"{gateway.url}/healthz").json()["status"] == "ok"
+    assert httpx.get(f"{gateway.url}/readyz").status_code == 200
+    httpx.post(f"{gateway.url}/v1/classify", content=encode(fields[0]), timeout=60)
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert "hybridcn_requests_total" in metrics and 'hybridcn_stage_seconds_bucket{le="0.001",stage="triton"}' in metrics
+    spec = httpx.get(f"{gateway.url}/openapi.json").json()
+    assert "/v1/classify" in spec["paths"] and "/readyz" in spec["paths"]
+
+
+def test_gateway_with_dead_triton_is_not_ready_and_says_so(fields):
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+    from gateway.triton_launcher import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    settings = GatewaySettings(repository=REPOSITORY, triton_url=dead, triton_timeout_s=3)
+    app = create_app(settings)
+    port = free_port()
+    live = LiveGateway(app, port)
+    live.thread.start()
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"{live.url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            import time
+
+            time.sleep(0.1)
+        assert httpx.get(f"{live.url}/readyz", timeout=10).status_code == 503
+        response = httpx.post(f"{live.url}/v1/classify", content=encode(fields[0]), timeout=30)
+        assert response.status_code == 503 and response.json()["code"] == "inference_unavailable"
+    finally:
+        live.stop()
+
+
+def test_cli_classify_reports_bad_files_and_continues(triton_server, fields, tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(encode(fields[0]))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    result = subprocess.run(
+        [sys.executable, "-m", "hybridcn.cli", "classify", str(bad), str(good), "--triton", triton_server.grpc_url,
+         "--json"], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "good.png" in result.stdout and '"label"' in result.stdout
+    assert "bad.jpg" in result.stderr and "not_an_image" in result.stderr

@@ -1,0 +1,179 @@
+"""Training code on a tiny profile and synthetic fields, then export: ONNX parity and Triton configs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.build import build_repository, export_graphs
+from export.repository import ENSEMBLE, RAW_ENSEMBLE, parse_config, read_manifest
+from export.runtime import OnnxEnsemble
+from hybridcn.profiles import get_profile
+from hybridcn.synth import synth_field, write_dataset
+from training.data import block_folds, canonical_class, clean_mask, find_samples, random_folds
+from training.metrics import classification_metrics, fit_temperature, review_threshold, softmax
+from training.mrmr import mrmr_select
+from training.pipeline import TrainOptions, fit_pipeline, load_trained, predict
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    fields = [synth_field(i % 4, seed=i, size=64) for i in range(48)]
+    images = np.stack([f.image for f in fields])
+    masks = np.stack([f.mask > 0 for f in fields])
+    labels = np.array([f.label for f in fields])
+    return images, masks, labels
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    images, masks, labels = tiny_data
+    options = TrainOptions(seg_epochs=2, backbone_epochs=2, head_epochs=5, batch_size=16, workers=1,
+                           feature_views=1, device="cpu", progress=False)
+    model = fit_pipeline(images, masks, np.ones(len(labels), bool), labels, get_profile("tiny"), options,
+                         lambda message: None)
+    path = tmp_path_factory.mktemp("run") / "model.pt"
+    torch.save(model.state_dicts(), path)
+    return model, path, options
+
+
+def test_pipeline_trains_all_four_phases(trained, tiny_data):
+    model, _, options = trained
+    images, _, labels = tiny_data
+    out = predict(model, images[:8], options)
+    assert out["probabilities"].shape == (8, 4)
+    np.testing.assert_allclose(out["probabilities"].sum(1), 1, atol=1e-5)
+    assert out["masks"].dtype == np.uint8 and out["preprocessed"].dtype == np.uint8
+    index = model.head.head.selection.index.numpy()
+    assert len(set(index.tolist())) == len(index) == get_profile("tiny").head.mrmr_k
+
+
+def test_checkpoint_round_trip(trained, tiny_data):
+    model, path, options = trained
+    reloaded = load_trained(path)
+    a = predict(model, tiny_data[0][:4], options)["probabilities"]
+    b = predict(reloaded, tiny_data[0][:4], options)["probabilities"]
+    # the trained copy is channels_last, the reloaded one contiguous: kernels differ in rounding only
+    np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_onnx_export_parity(trained, tmp_path):
+    model, _, _ = trained
+    paths, parity = export_graphs(model, tmp_path)
+    assert set(paths) == {"segmentation", "features", "head"}
+    assert parity["head"]["probabilities"] <= 1e-5
+    assert parity["segmentation"]["mask"] <= 1  # uint8 maps: at most one rounding step
+
+
+@pytest.mark.parametrize("target", ["embedded", "gpu"])
+def test_repository_configs_parse_and_wire_up(trained, tmp_path, target):
+    _, path, _ = trained
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"temperature": 1.5, "review_threshold": 0.8}))
+    repository = tmp_path / "repo"
+    manifest = build_repository(path, repository, target=target, calibration=calibration)
+    configs = {p.parent.name: parse_config(p.read_text()) for p in repository.glob("*/config.pbtxt")}
+    assert set(configs) == {"segmentation", "features", "head", "preprocess", ENSEMBLE, RAW_ENSEMBLE}
+    for name, config in configs.items():
+        assert config.max_batch_size == 16
+        if config.platform != "ensemble":
+            assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    for name in ("segmentation", "features", "head"):
+        config = configs[name]
+        if target == "gpu":
+            assert config.platform == "onnxruntime_onnx"
+            assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+            accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+            assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+        else:
+            assert config.backend == "python"
+            assert (repository / name / "1" / "model.py").is_file()
+        assert len(config.model_warmup) == 1
+        assert (repository / name / "1" / "model.onnx").is_file()
+    assert configs["preprocess"].backend == "python"
+    assert configs["head"].output[0].label_filename == "labels.txt"
+    # every ensemble step names a model in the repository and maps tensors some step produces
+    for ensemble in (ENSEMBLE, RAW_ENSEMBLE):
+        produced = {t.name for t in configs[ensemble].input}
+        for step in configs[ensemble].ensemble_scheduling.step:
+            assert step.model_name in configs
+            model_inputs = {t.name for t in configs[step.model_name].input}
+            assert set(step.input_map) == model_inputs
+            assert set(step.input_map.values()) <= produced
+            produced |= set(step.output_map.values())
+        assert {t.name for t in configs[ensemble].output} <= produced
+    assert read_manifest(repository)["temperature"] == manifest["temperature"] == 1.5
+
+
+def test_onnx_ensemble_matches_pytorch_with_temperature(trained, tiny_data, tmp_path):
+    model, path, options = trained
+    build_repository(path, tmp_path / "repo", check_parity=False)
+    pre = predict(model, tiny_data[0][:4], options)
+    ours = OnnxEnsemble(tmp_path / "repo").infer(pre["preprocessed"])
+    # three graphs in a row, each at float32 parity: end to end within 1e-4
+    np.testing.assert_allclose(ours.probabilities, pre["probabilities"], atol=1e-4)
+
+
+def test_dataset_layouts_and_block_folds(tmp_path):
+    root = write_dataset(tmp_path / "data", per_class=6, size=64)
+    samples = find_samples(root)
+    assert len(samples) == 24 and samples[0].segmented is not None
+    flat = tmp_path / "flat" / "[Malignant] Pro-B"
+    flat.mkdir(parents=True)
+    (flat / "x-001.png").write_bytes((root / "Original" / "Pro" / "SYN-Pro-001.png").read_bytes())
+    assert [s.class_name for s in find_samples(tmp_path / "flat")] == ["Pro"]
+    assert canonical_class("[Malignant] early Pre-B") == "Early" and canonical_class("misc") is None
+    with pytest.raises(ValueError, match="no class folders"):
+        find_samples(tmp_path / "data" / "Original" / "Pro")
+    folds = block_folds(samples, folds=2, block=2)
+    for label in range(4):
+        per_class = folds[[i for i, s in enumerate(samples) if s.label == label]]
+        assert set(per_class.tolist()) == {0, 1}
+        assert (per_class[0::2] == per_class[1::2]).all()  # numbers 1-2, 3-4, 5-6 stay together
+    assert sorted(np.bincount(random_folds(samples, folds=3))) == [8, 8, 8]
+
+
+def test_byte_identical_twins_stay_on_one_side(tmp_path):
+    root = write_dataset(tmp_path / "data", per_class=4, size=64)
+    pro = root / "Original" / "Pro"
+    (pro / "SYN-Pro-003.png").write_bytes((pro / "SYN-Pro-002.png").read_bytes())  # twins across blocks
+    samples = find_samples(root)
+    folds = block_folds(samples, folds=2, block=2)
+    names = {s.path.name: f for s, f in zip(samples, folds, strict=True)}
+    assert names["SYN-Pro-002.png"] == names["SYN-Pro-003.png"]
+
+
+def test_clean_mask_drops_specks_and_flags_empty():
+    segmented = np.zeros((64, 64, 3), np.uint8)
+    segmented[10:30, 10:30] = 180
+    segmented[50, 50] = 200  # speck
+    mask, ok = clean_mask(segmented)
+    assert ok and mask[20, 20] and not mask[50, 50]
+    assert clean_mask(np.zeros((64, 64, 3), np.uint8))[1] is False
+
+
+def test_mrmr_prefers_relevant_non_redundant_features():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 400)
+    x = rng.normal(size=(400, 30))
+    x[:, 3] += 2 * y
+    x[:, 4] = x[:, 3] + 0.01 * rng.normal(size=400)  # redundant copy
+    x[:, 9] += 3 * (y == 2)
+    chosen = mrmr_select(x, y, 3, device="cpu")
+    assert chosen[0] in (3, 4) and 9 in chosen[:2]
+    with pytest.raises(ValueError, match="k must be"):
+        mrmr_select(x, y, 31, device="cpu")
+
+
+def test_metrics_calibration_and_review_threshold():
+    labels = np.array([0, 1, 2, 3] * 25)
+    logits = np.eye(4)[labels] * 3.0 + np.random.default_rng(0).normal(0, 1, (100, 4))
+    metrics = classification_metrics(labels, softmax(logits))
+    assert set(metrics) >= {"n", "accuracy", "balanced_accuracy", "macro_auc", "mcc", "per_class", "confusion"}
+    assert metrics["n"] == 100 and 0.5 < metrics["accuracy"] <= 1
+    assert fit_temperature(labels, logits * 10) > 1  # overconfident logits get a temperature above 1
+    decision = review_threshold(labels, softmax(logits), target_precision=0.99)
+    assert decision["accepted_precision"] >= 0.99 and 0 <= decision["review_fraction"] <= 1
