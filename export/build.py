@@ -13,7 +13,7 @@ import torch
 
 from export.onnx_export import check_parity, export_onnx
 from export.repository import write_repository
-from models.stages import (
+from hybridcn.tensors import (
     FEATURE_INPUTS,
     FEATURE_OUTPUTS,
     HEAD_INPUTS,

@@ -15,6 +15,8 @@ import onnx
 import torch
 from torch import nn
 
+from export.runtime import onnx_session
+
 OPSET = 17
 
 
@@ -45,17 +47,6 @@ def export_onnx(
         )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
-
-
-def onnx_session(path: Path, *, threads: int = 0):
-    """An ONNX Runtime CPU session (``threads=0`` lets ORT choose)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def check_parity(

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.stages import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
+from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
 
 TARGETS = ("embedded", "gpu")
 ENSEMBLE = "hybridcn_nas"

@@ -11,10 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx_export import onnx_session
-from models.stages import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
+from hybridcn.tensors import ENSEMBLE_OUTPUTS as OUTPUTS
+from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
 
-OUTPUTS = ("probabilities", "feature_attention", "mask", "attention")
+
+def onnx_session(path: Path, *, threads: int = 0):
+    """An ONNX Runtime CPU session (``threads=0`` lets ORT choose)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ class OnnxRuntimeModel:
     """Runs ``<version>/model.onnx`` on ONNX Runtime over the whole dynamic batch at once."""
 
     def initialize(self, args: dict) -> None:
-        from export.onnx_export import onnx_session
+        from export.runtime import onnx_session
 
         self.config = json.loads(args["model_config"])
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"

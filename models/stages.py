@@ -14,14 +14,6 @@ from torch import nn
 from models.attention_unet import AttentionUNet
 from models.hybrid_features import HybridFeatures
 
-#: Tensor names of the served graphs (config.pbtxt and the ensemble use these).
-SEGMENTATION_INPUTS = ("image",)
-SEGMENTATION_OUTPUTS = ("mask", "attention", "segmented_image")
-FEATURE_INPUTS = ("segmented_image",)
-FEATURE_OUTPUTS = ("features",)
-HEAD_INPUTS = ("features",)
-HEAD_OUTPUTS = ("probabilities", "feature_attention")
-
 
 def zscore_image(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-image, per-channel z-score of an ``(N, 3, H, W)`` float tensor (see preprocessing.normalize)."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from hybridcn.profiles import Profile
 from models import FeatureStage, HeadStage, SegmentationStage, create_model
+from models.stages import uint8_to_normalized
 from preprocessing import PreprocessConfig, StainReference, enhance_field, fit_stain_reference
 from preprocessing.normalize import fit_zscore
 from training.augment import augment_batch
@@ -154,8 +155,6 @@ def train_segmentation(
             batch, target = augment_batch(images[index], masks[index], generator=generator)
             _cosine_lr(optimizer, options.lr, step, total, steps_per_epoch)
             with _autocast(options.device):
-                from models.stages import uint8_to_normalized
-
                 logits, _ = unet(uint8_to_normalized(batch).contiguous(memory_format=torch.channels_last))
             logits = logits.float()[:, 0]
             target = target.float()

@@ -169,7 +169,8 @@ def test_health_readiness_metrics_and_openapi(gateway, fields):
     assert httpx.get(f"{gateway.url}/readyz").status_code == 200
     httpx.post(f"{gateway.url}/v1/classify", content=encode(fields[0]), timeout=60)
     metrics = httpx.get(f"{gateway.url}/metrics").text
-    assert "hybridcn_requests_total" in metrics and 'hybridcn_stage_seconds_bucket{le="0.001",stage="triton"}' in metrics
+    assert "hybridcn_requests_total" in metrics
+    assert 'hybridcn_stage_seconds_bucket{le="0.001",stage="triton"}' in metrics
     spec = httpx.get(f"{gateway.url}/openapi.json").json()
     assert "/v1/classify" in spec["paths"] and "/readyz" in spec["paths"]
 

@@ -77,7 +77,7 @@ def test_repository_configs_parse_and_wire_up(trained, tmp_path, target):
     manifest = build_repository(path, repository, target=target, calibration=calibration)
     configs = {p.parent.name: parse_config(p.read_text()) for p in repository.glob("*/config.pbtxt")}
     assert set(configs) == {"segmentation", "features", "head", "preprocess", ENSEMBLE, RAW_ENSEMBLE}
-    for name, config in configs.items():
+    for config in configs.values():
         assert config.max_batch_size == 16
         if config.platform != "ensemble":
             assert config.dynamic_batching.max_queue_delay_microseconds > 0
