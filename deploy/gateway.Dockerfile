@@ -1,0 +1,18 @@
+# The gateway image: CPU preprocessing + FastAPI, talking gRPC to a Triton container. No torch needed.
+FROM python:3.11-slim
+WORKDIR /app
+RUN apt-get update && apt-get install -y --no-install-recommends libglib2.0-0 && rm -rf /var/lib/apt/lists/*
+COPY deploy/requirements-serve.txt /app/deploy/requirements-serve.txt
+RUN pip install --no-cache-dir -r deploy/requirements-serve.txt
+COPY pyproject.toml /app/
+COPY hybridcn /app/hybridcn
+COPY preprocessing /app/preprocessing
+COPY models /app/models
+COPY export /app/export
+COPY gateway /app/gateway
+COPY training /app/training
+COPY batch /app/batch
+RUN pip install --no-cache-dir --no-deps .
+ENV HYBRIDCN_REPOSITORY=/models
+EXPOSE 8000
+CMD ["uvicorn", "gateway.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]

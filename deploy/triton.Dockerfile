@@ -1,0 +1,16 @@
+# NVIDIA's Triton with this project installed, so the Python `preprocess` step of the raw ensemble
+# imports the same `preprocessing` package as the gateway (one implementation, two places it runs).
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
+FROM ${TRITON_IMAGE}
+WORKDIR /opt/hybridcn
+COPY deploy/requirements-serve.txt /opt/hybridcn/deploy/requirements-serve.txt
+RUN pip install --no-cache-dir -r deploy/requirements-serve.txt
+COPY pyproject.toml /opt/hybridcn/
+COPY hybridcn /opt/hybridcn/hybridcn
+COPY preprocessing /opt/hybridcn/preprocessing
+COPY models /opt/hybridcn/models
+COPY export /opt/hybridcn/export
+COPY gateway /opt/hybridcn/gateway
+COPY training /opt/hybridcn/training
+COPY batch /opt/hybridcn/batch
+RUN pip install --no-cache-dir --no-deps .
