@@ -1,0 +1,98 @@
+"""``hybridcn evaluate``: score the served model on any labelled folder, with the artifacts Triton serves.
+
+Each file goes through the gateway's own preparation (decode, fit, QC, Reinhard, CLAHE, multiscale),
+then through the three ONNX graphs of the repository: in-process on ONNX Runtime by default, or
+through a running Triton (``triton="HOST:PORT"``). Unreadable files are listed, not scored.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from export.runtime import EnsembleOutput, OnnxEnsemble
+from gateway.service import ServedModel, prepare_bytes
+from preprocessing import InvalidImageError
+from training.data import find_samples
+from training.metrics import bootstrap_intervals, classification_metrics
+
+
+def _prepare(path: Path, model: ServedModel):
+    try:
+        return prepare_bytes(path.read_bytes(), model).preprocessed, None
+    except (InvalidImageError, OSError) as error:
+        return None, str(error)
+
+
+def _infer_all(fields: np.ndarray, repository: Path, triton: str | None, batch: int = 16) -> EnsembleOutput:
+    if triton:
+        from gateway.client import TritonClient
+
+        client = TritonClient(triton)
+        futures = [client.submit(fields[i : i + batch]) for i in range(0, len(fields), batch)]
+        parts = [future.result() for future in futures]
+        client.close()
+    else:
+        ensemble = OnnxEnsemble(repository)
+        parts = [ensemble.infer(fields[i : i + batch]) for i in range(0, len(fields), batch)]
+    return EnsembleOutput.concatenate(parts)
+
+
+def evaluate_folder(data: Path, repository: Path, *, triton: str | None = None, log=print) -> dict:
+    """Metrics of the served model on ``data`` (contract: n, accuracy, balanced_accuracy, macro_auc, mcc,
+    per_class, confusion), plus bootstrap intervals, review statistics, errors and per-file predictions."""
+    started = time.perf_counter()
+    model = ServedModel.from_repository(repository)
+    samples = find_samples(data)
+    log(f"evaluating {model.model_version} on {len(samples)} fields from {data} "
+        f"({'Triton ' + triton if triton else 'in-process ONNX Runtime'})")
+    with ThreadPoolExecutor() as pool:
+        prepared = list(pool.map(lambda s: _prepare(s.path, model), samples))
+    errors = [{"path": str(s.path), "error": error} for s, (_, error) in zip(samples, prepared, strict=True) if error]
+    kept = [i for i, (field, _) in enumerate(prepared) if field is not None]
+    if not kept:
+        raise ValueError(f"no readable fields in {data}")
+    fields = np.stack([prepared[i][0] for i in kept])
+    output = _infer_all(fields, repository, triton)
+    labels = np.array([samples[i].label for i in kept])
+    probabilities = output.probabilities.astype(np.float64)
+    result = classification_metrics(labels, probabilities)
+    if len(np.unique(labels)) == probabilities.shape[1]:
+        result["intervals_95"] = bootstrap_intervals(labels, probabilities, rounds=500)
+    confidence = probabilities.max(axis=1)
+    accepted = confidence >= model.review_threshold
+    correct = probabilities.argmax(axis=1) == labels
+    result["review"] = {
+        "threshold": model.review_threshold,
+        "fraction_to_review": float(1 - accepted.mean()),
+        "accuracy_of_auto_accepted": float(correct[accepted].mean()) if accepted.any() else None,
+    }
+    result.update({
+        "model_version": model.model_version,
+        "data": str(data),
+        "backend": f"triton {triton}" if triton else "onnxruntime in-process",
+        "errors": errors,
+        "seconds": round(time.perf_counter() - started, 1),
+        "predictions": [
+            {"path": str(samples[i].path), "label": samples[i].class_name,
+             "predicted": model.classes[int(np.argmax(p))], "confidence": round(float(np.max(p)), 6)}
+            for i, p in zip(kept, probabilities, strict=True)
+        ],
+    })
+    _print_summary(result, model.classes, log)
+    return result
+
+
+def _print_summary(result: dict, classes: tuple[str, ...], log) -> None:
+    log(f"{'class':<8} {'n':>5} {'sensitivity':>12} {'specificity':>12}")
+    for name in classes:
+        row = result["per_class"][name]
+        log(f"{name:<8} {row['n']:>5} {row['sensitivity']:>12.4f} {row['specificity']:>12.4f}")
+    log("confusion (rows = truth, columns = predicted, order " + ", ".join(classes) + "):")
+    for name, row in zip(classes, result["confusion"], strict=True):
+        log(f"  {name:<8} " + " ".join(f"{v:>5}" for v in row))
+    if result["errors"]:
+        log(f"{len(result['errors'])} files could not be read (listed under 'errors')")
