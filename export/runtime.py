@@ -15,13 +15,19 @@ from hybridcn.tensors import ENSEMBLE_OUTPUTS as OUTPUTS
 from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
 
 
-def onnx_session(path: Path, *, threads: int = 0):
-    """An ONNX Runtime CPU session (``threads=0`` lets ORT choose)."""
+def onnx_session(path: Path, *, threads: int = 0, spin: bool = True):
+    """An ONNX Runtime CPU session (``threads=0`` lets ORT choose).
+
+    ``spin=False`` stops idle worker threads from busy-waiting: several sessions in separate Triton
+    stub processes would otherwise burn the cores that the busy one needs.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 

@@ -32,8 +32,8 @@ class OnnxRuntimeModel:
 
         self.config = json.loads(args["model_config"])
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        threads = int(_parameter(self.config, "intra_op_threads", os.environ.get("HYBRIDCN_ORT_THREADS", "0")))
-        self.session = onnx_session(path, threads=threads)
+        threads = int(os.environ.get("HYBRIDCN_ORT_THREADS", _parameter(self.config, "intra_op_threads", "0")))
+        self.session = onnx_session(path, threads=threads, spin=False)
         self.input_names = [tensor["name"] for tensor in self.config["input"]]
         self.output_names = [tensor["name"] for tensor in self.config["output"]]
 

@@ -71,7 +71,6 @@ def server_environment() -> dict[str, str]:
     libs = Path(sysconfig.get_paths()["purelib"]) / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    env.setdefault("HYBRIDCN_ORT_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     return env
 
 
