@@ -21,7 +21,8 @@ def test_classes_differ_in_cell_size():
     def mean_cell_area(label: int) -> float:
         areas = []
         for seed in range(6):
-            count, _, stats, _ = cv2.connectedComponentsWithStats((synth_field(label, seed=seed).mask > 0).astype("uint8"))
+            mask = (synth_field(label, seed=seed).mask > 0).astype("uint8")
+            _, _, stats, _ = cv2.connectedComponentsWithStats(mask)
             areas += stats[1:, cv2.CC_STAT_AREA].tolist()
         return float(np.mean(areas))
 
