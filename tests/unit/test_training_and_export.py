@@ -177,3 +177,18 @@ def test_metrics_calibration_and_review_threshold():
     assert fit_temperature(labels, logits * 10) > 1  # overconfident logits get a temperature above 1
     decision = review_threshold(labels, softmax(logits), target_precision=0.99)
     assert decision["accepted_precision"] >= 0.99 and 0 <= decision["review_fraction"] <= 1
+
+
+def test_shipped_repository_is_complete_and_parses():
+    from pathlib import Path
+
+    repository = Path(__file__).resolve().parents[2] / "model_repository"
+    configs = {p.parent.name: parse_config(p.read_text()) for p in repository.glob("*/config.pbtxt")}
+    assert set(configs) == {"segmentation", "features", "head", "preprocess", ENSEMBLE, RAW_ENSEMBLE}
+    manifest = read_manifest(repository)
+    assert manifest["profile"]["name"] == "compact" and manifest["training"]["n_train"] == 2519
+    assert 0 < manifest["review_threshold"] < 1 and manifest["temperature"] > 0
+    preprocess = configs["preprocess"].parameters
+    assert json.loads(preprocess["stain_reference"].string_value) == manifest["stain_reference"]
+    total = sum(p.stat().st_size for p in repository.rglob("*") if p.is_file())
+    assert total < 40 * 1024 * 1024  # shipped artifacts stay small
