@@ -15,7 +15,7 @@ from gateway.client import AsyncTritonClient
 from gateway.dependencies import GatewayState
 from gateway.errors import install_error_handlers
 from gateway.metrics import GatewayMetrics
-from gateway.routers import classify, health
+from gateway.routers import classify, health, jobs
 from gateway.service import ServedModel
 from gateway.settings import GatewaySettings, get_settings
 
@@ -60,19 +60,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(classify.router)
-    for router in _optional_routers():
-        app.include_router(router)
+    app.include_router(jobs.router)
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="web")
     return app
-
-
-def _optional_routers() -> list:
-    """Routers of features that live in their own modules (batch jobs), included when present."""
-    routers = []
-    try:
-        from gateway.routers import jobs
-    except ImportError:
-        return routers
-    routers.append(jobs.router)
-    return routers

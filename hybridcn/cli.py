@@ -98,7 +98,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from gateway.batch import run_batch_cli
+    from batch.cli import run_batch_cli
 
     return run_batch_cli(args)
 
@@ -183,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton", help="HOST:PORT of a running Triton gRPC endpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("batch", help="classify whole slide queues (resumable; results.csv, slides.csv/json, HTML)",
+                       description="Classify every field of the INPUTs into DIR. Resumable: after a crash, rerun "
+                       "the same command and it finishes the rest; each field appears once in DIR/results.csv.")
+    from batch.cli import add_batch_arguments
+
+    add_batch_arguments(p, default_repository=DEFAULT_REPOSITORY)
+    p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("demo", help="the main job on a fresh machine: serve the shipped model, classify a queue")
     p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))

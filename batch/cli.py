@@ -1,0 +1,75 @@
+"""``hybridcn batch INPUT... --out DIR``: the command line over :func:`batch.runner.run_batch`.
+
+Exit status: 0 when every field is done, 3 when the queue finished but some fields failed (see
+results.csv; ``--retry-failed`` retries them), 1 on an error that stopped the run (nothing is lost:
+rerun the same command), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_FIELDS_FAILED, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser, *, default_repository: Path) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="a folder per slide of field images, a folder of slide folders, a slide_id,path CSV "
+                             "manifest, or a large slide image (TIFF/BigTIFF, PNG, JPEG) to tile")
+    parser.add_argument("--out", required=True, help="output folder: ledger, results.csv, slides.csv/json, HTML")
+    parser.add_argument("--repository", default=str(default_repository))
+    parser.add_argument("--triton", action="append", default=[], metavar="HOST:PORT",
+                        help="Triton gRPC endpoint; repeat for several (round robin). Default: start the embedded one")
+    parser.add_argument("--retry-failed", action="store_true", help="process the fields that failed before again")
+    parser.add_argument("--batch-size", type=int, default=8, help="fields per Triton request (default 8)")
+    parser.add_argument("--inflight", type=int, default=4, help="Triton requests in flight (default 4)")
+    parser.add_argument("--workers", type=int, default=0, help="preprocessing processes (default: one per core)")
+    parser.add_argument("--attempts", type=int, default=3, help="tries per Triton request before a field fails")
+    parser.add_argument("--tile", choices=["auto", "always", "never"], default="auto",
+                        help="auto: tile slide images given as INPUT and images too large for a field")
+    parser.add_argument("--tile-size", type=int, default=0, help="tile side in slide pixels (default: model size)")
+    parser.add_argument("--gallery", type=int, default=6, help="fields per gallery section of a slide report")
+    parser.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto")
+    parser.add_argument("--log-every", type=float, default=10.0, help="seconds between progress log lines")
+
+
+def run_batch_cli(args: argparse.Namespace) -> int:
+    from batch.inputs import InputError
+    from batch.ledger import FAILED, PENDING, SKIPPED, LedgerError
+    from batch.progress import make_progress
+    from batch.reports import ReportWriteError
+    from batch.runner import BatchError, BatchOptions, run_batch
+    from gateway.triton_launcher import TritonStartError
+
+    def fail(message: str, code: int = EXIT_ERROR) -> int:
+        print(f"hybridcn batch: error: {message}", file=sys.stderr, flush=True)
+        return code
+
+    try:
+        options = BatchOptions(
+            out_dir=Path(args.out), repository=Path(args.repository), triton_urls=tuple(args.triton),
+            batch_size=args.batch_size, inflight=args.inflight, workers=args.workers,
+            retry_failed=args.retry_failed, attempts=args.attempts, tile=args.tile, tile_size=args.tile_size,
+            gallery_size=args.gallery,
+        )
+    except ValueError as error:
+        return fail(str(error), 2)
+    progress = make_progress(args.progress, every_s=args.log_every)
+    try:
+        summary = run_batch(args.inputs, options, progress=progress)
+    except (InputError, LedgerError, BatchError, ReportWriteError, TritonStartError) as error:
+        return fail(str(error))
+    except KeyboardInterrupt:
+        return fail("interrupted; rerun the same command to finish the pending fields", EXIT_INTERRUPTED)
+    counts = summary.counts
+    print(f"done: {counts['done']} fields classified, {counts[FAILED]} failed, {counts[SKIPPED]} background "
+          f"tiles skipped, {counts[PENDING]} pending; this run processed {summary.processed} "
+          f"({summary.fields_per_s:.1f} fields/s) -> {summary.reports.index if summary.reports else args.out}",
+          flush=True)
+    if counts[FAILED]:
+        print(f"{counts[FAILED]} fields failed (reasons in results.csv); rerun with --retry-failed to try them "
+              "again", file=sys.stderr, flush=True)
+        return EXIT_FIELDS_FAILED
+    return EXIT_OK

@@ -1,0 +1,361 @@
+"""Readers and discovery: what ``hybridcn batch INPUT...`` turns into a list of fields.
+
+An INPUT is one of
+- a folder per slide of field images (slide id = folder name);
+- a folder of slide folders (slide id = the sub-folder's path below the INPUT, e.g. ``S1`` or ``P7/S1``);
+- a CSV manifest with ``slide_id,path`` columns (a path is a field image or a folder of them; relative
+  paths are read from the manifest's folder);
+- a single large image (TIFF/BigTIFF, PNG, JPEG; with OpenSlide installed also ``.svs``, ``.ndpi``,
+  ``.mrxs``...), cut into model-size tiles whose coordinates are kept (slide id = file stem).
+Images inside folders and manifests are fields, like an upload to ``/v1/classify``, except ones over the
+decoder's pixel budget, which are tiled. ``tile='always'`` tiles every image, ``'never'`` tiles none.
+
+Tiles are read region by region (TIFF chunks decoded on demand, so a BigTIFF never sits in memory);
+PNG and JPEG slides are decoded whole, once per worker process.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from batch.ledger import FIELD, TILE, FieldSpec
+from preprocessing import InvalidImageError
+from preprocessing.decode import to_uint8
+
+FIELD_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs")
+OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+TILE_MODES = ("auto", "always", "never")
+#: Images in folders larger than this on disk have their header read to decide whether to tile them.
+_PROBE_BYTES = 1 << 20
+
+
+class InputError(ValueError):
+    """An INPUT cannot be used (missing, unreadable, empty, a bad manifest); raised before any work."""
+
+
+def openslide_available() -> bool:
+    try:
+        import openslide  # noqa: F401
+    except (ImportError, OSError):  # OSError: the Python package without the OpenSlide library
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- tiling
+
+def tile_grid(width: int, height: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """``(x, y, w, h)`` tiles of side ``tile`` that cover a ``width`` x ``height`` image, row by row.
+
+    Tiles do not overlap, except the last column and row, which are moved back to end at the image
+    edge so that no tile needs padding; an image side shorter than ``tile`` gives tiles that short.
+    """
+    if width <= 0 or height <= 0 or tile <= 0:
+        raise ValueError(f"need a positive image size and tile size, got {width}x{height}, tile {tile}")
+
+    def starts(length: int) -> list[int]:
+        if length <= tile:
+            return [0]
+        positions = list(range(0, length - tile + 1, tile))
+        if positions[-1] + tile < length:
+            positions.append(length - tile)
+        return positions
+
+    tw, th = min(tile, width), min(tile, height)
+    return [(x, y, tw, th) for y in starts(height) for x in starts(width)]
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+class TiffRegionReader:
+    """Regions of a TIFF/BigTIFF's full-resolution page, decoding only the tiles or strips they touch."""
+
+    def __init__(self, path: str | Path) -> None:
+        import tifffile
+
+        self._tif = tifffile.TiffFile(str(path))
+        page = self._tif.pages[0]
+        self._page = page
+        self.width, self.height = int(page.imagewidth), int(page.imagelength)
+        self._chunked = page.planarconfig == 1 and page.imagedepth == 1 and len(page.dataoffsets) > 1
+        if page.is_tiled:
+            self._chunk = (int(page.tilelength), int(page.tilewidth))
+        else:
+            self._chunk = (int(page.rowsperstrip or self.height), self.width)
+        self._full: np.ndarray | None = None
+
+    def _decode(self, index: int) -> tuple[np.ndarray, int, int]:
+        page = self._page
+        handle = self._tif.filehandle
+        handle.seek(page.dataoffsets[index])
+        data = handle.read(page.databytecounts[index])
+        try:
+            segment, indices, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        except Exception as error:  # tifffile raises many types; missing codecs among them
+            raise InvalidImageError("unsupported_format", f"cannot decode TIFF chunk {index} "
+                                    f"(compression {page.compression!r}): {error}; JPEG/JPEG2000 TIFFs need "
+                                    "the imagecodecs package") from error
+        if segment is None:
+            raise InvalidImageError("truncated", f"TIFF chunk {index} is empty")
+        return segment[0], int(indices[2]), int(indices[3])
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        if not self._chunked:
+            if self._full is None:
+                self._full = _rgb8(self._page.asarray())
+            return self._full[y : y + height, x : x + width]
+        rows, cols = self._chunk
+        per_row = -(-self.width // cols)
+        out: np.ndarray | None = None
+        for cy in range(y // rows, (y + height - 1) // rows + 1):
+            for cx in range(x // cols, (x + width - 1) // cols + 1):
+                segment, top, left = self._decode(cy * per_row + cx)
+                if segment.ndim == 2:
+                    segment = segment[..., None]
+                if out is None:
+                    out = np.zeros((height, width, segment.shape[-1]), segment.dtype)
+                y0, y1 = max(y, top), min(y + height, top + segment.shape[0], self.height)
+                x0, x1 = max(x, left), min(x + width, left + segment.shape[1], self.width)
+                if y1 > y0 and x1 > x0:
+                    out[y0 - y : y1 - y, x0 - x : x1 - x] = segment[y0 - top : y1 - top, x0 - left : x1 - left]
+        return _rgb8(out)
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+class OpenSlideRegionReader:
+    """Level-0 regions through OpenSlide (only when ``import openslide`` works)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import openslide
+
+        self._slide = openslide.OpenSlide(str(path))
+        self.width, self.height = (int(v) for v in self._slide.dimensions)
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        region = np.asarray(self._slide.read_region((x, y), 0, (width, height)))
+        return _rgb8(region)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class ArrayRegionReader:
+    """A PNG/JPEG/BMP slide decoded once by OpenCV (up to its 2^30-pixel limit), then sliced."""
+
+    def __init__(self, path: str | Path) -> None:
+        data = np.fromfile(str(path), np.uint8)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise InvalidImageError("not_an_image", f"{path} is not a readable PNG/JPEG/BMP image")
+        self._rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        self.height, self.width = self._rgb.shape[:2]
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._rgb[y : y + height, x : x + width]
+
+    def close(self) -> None:
+        self._rgb = np.empty((0, 0, 3), np.uint8)
+
+
+def _rgb8(array: np.ndarray) -> np.ndarray:
+    array = to_uint8(np.asarray(array))
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 1:
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
+    if array.shape[-1] == 4:  # composite alpha on white, as decode_image does
+        alpha = array[..., 3:4].astype(np.float32) / 255.0
+        return np.ascontiguousarray((array[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8))
+    return np.ascontiguousarray(array[..., :3])
+
+
+def open_region_reader(path: str | Path):
+    """The reader for a slide image, chosen by suffix: OpenSlide formats, TIFF, else PNG/JPEG/BMP."""
+    suffix = Path(path).suffix.lower()
+    if suffix in OPENSLIDE_SUFFIXES and suffix not in TIFF_SUFFIXES:
+        if not openslide_available():
+            raise InvalidImageError("unsupported_format", f"{path}: {suffix} slides need OpenSlide "
+                                    "(pip install openslide-python openslide-bin); TIFF, PNG and JPEG need nothing")
+        return OpenSlideRegionReader(path)
+    if suffix in TIFF_SUFFIXES:
+        try:
+            return TiffRegionReader(path)
+        except InvalidImageError:
+            raise
+        except Exception as error:
+            if openslide_available() and suffix == ".svs":
+                return OpenSlideRegionReader(path)
+            raise InvalidImageError("not_an_image", f"{path} is not a readable TIFF: {error}") from error
+    return ArrayRegionReader(path)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` from the header alone (no pixels decoded, no pixel-count limit)."""
+    from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin
+
+    suffix = Path(path).suffix.lower()
+    if suffix in TIFF_SUFFIXES or suffix in OPENSLIDE_SUFFIXES:
+        reader = open_region_reader(path)
+        try:
+            return reader.width, reader.height
+        finally:
+            reader.close()
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    # The format's own class reads the header without Image.open's decompression-bomb refusal:
+    # slides are far larger than any upload, and their pixels are never decoded here.
+    plugin = {b"\x89PNG": PngImagePlugin.PngImageFile, b"\xff\xd8": JpegImagePlugin.JpegImageFile,
+              b"BM": BmpImagePlugin.BmpImageFile}
+    for prefix, cls in plugin.items():
+        if magic.startswith(prefix):
+            with cls(str(path)) as image:
+                return image.size
+    with Image.open(path) as image:
+        return image.size
+
+
+def check_decodable(path: str | Path) -> None:
+    """Open a slide image and read its first tile, so that a missing codec fails before the queue starts."""
+    reader = open_region_reader(path)
+    try:
+        reader.read(0, 0, min(64, reader.width), min(64, reader.height))
+    finally:
+        reader.close()
+
+
+# ------------------------------------------------------------------------------------------- discovery
+
+@dataclass(frozen=True)
+class DiscoveryOptions:
+    tile_size: int = 224
+    tile: str = "auto"
+    max_field_pixels: int = 64_000_000
+
+    def __post_init__(self) -> None:
+        if self.tile not in TILE_MODES:
+            raise ValueError(f"tile mode must be one of {', '.join(TILE_MODES)}, got {self.tile!r}")
+        if self.tile_size < 16:
+            raise ValueError(f"tile size must be at least 16 px, got {self.tile_size}")
+
+
+def slide_tiles(path: Path, slide_id: str, tile_size: int) -> list[FieldSpec]:
+    """One pending field per tile of a slide image; raises :class:`InputError` if it cannot be read."""
+    try:
+        width, height = image_size(path)
+        check_decodable(path)
+    except (InvalidImageError, OSError, ValueError, SyntaxError) as error:
+        raise InputError(f"{path}: cannot read this slide image: {error}") from error
+    return [FieldSpec(slide_id, str(path), TILE, x, y, w, h) for x, y, w, h in tile_grid(width, height, tile_size)]
+
+
+def _is_image(name: str) -> bool:
+    return Path(name).suffix.lower() in FIELD_SUFFIXES or Path(name).suffix.lower() in OPENSLIDE_SUFFIXES
+
+
+def _too_big_for_a_field(path: Path, options: DiscoveryOptions) -> bool:
+    try:
+        if path.stat().st_size < _PROBE_BYTES:
+            return False
+        width, height = image_size(path)
+    except Exception:  # an unreadable field is reported when it is processed
+        return False
+    return width * height > options.max_field_pixels
+
+
+def image_specs(path: Path, slide_id: str, options: DiscoveryOptions) -> list[FieldSpec]:
+    """A field image of a folder or manifest: one field, or its tiles (see the module docstring)."""
+    tile = options.tile == "always" or (options.tile == "auto" and _too_big_for_a_field(path, options))
+    if tile and path.is_file():
+        return slide_tiles(path, slide_id, options.tile_size)
+    return [FieldSpec(slide_id, str(path), FIELD)]
+
+
+def folder_specs(root: Path, options: DiscoveryOptions) -> list[FieldSpec]:
+    """Every image below ``root``; each folder that holds images directly is one slide."""
+    specs: list[FieldSpec] = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        images = sorted(f for f in files if _is_image(f) and not f.startswith("."))
+        if not images:
+            continue
+        here = Path(directory)
+        slide_id = root.name if here == root else here.relative_to(root).as_posix()
+        for name in images:
+            specs.extend(image_specs(here / name, slide_id, options))
+    return specs
+
+
+def manifest_specs(manifest: Path, options: DiscoveryOptions) -> list[FieldSpec]:
+    """The fields of a ``slide_id,path`` CSV; every path is checked before anything runs."""
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            if "slide_id" not in columns or "path" not in columns:
+                raise InputError(f"{manifest}: a manifest needs the columns slide_id,path; found {columns}")
+            entries = [(line, {k.strip(): (v or "").strip() for k, v in row.items() if k})
+                       for line, row in enumerate(reader, start=2)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{manifest}: cannot read the manifest: {error}") from error
+    specs: list[FieldSpec] = []
+    problems = []
+    for line, row in entries:
+        slide_id, raw = row.get("slide_id", ""), row.get("path", "")
+        if not slide_id or not raw:
+            problems.append(f"line {line}: slide_id and path must both be set")
+            continue
+        path = Path(raw).expanduser()
+        path = (path if path.is_absolute() else manifest.parent / path).resolve()
+        if path.is_dir():
+            found = [FieldSpec(slide_id, s.source, s.kind, s.x, s.y, s.width, s.height)
+                     for s in folder_specs(path, options)]
+            if not found:
+                problems.append(f"line {line}: folder {path} holds no images")
+            specs.extend(found)
+        elif path.is_file() and os.access(path, os.R_OK):
+            specs.extend(image_specs(path, slide_id, options))
+        else:
+            problems.append(f"line {line}: {path} does not exist or is not readable")
+    if problems:
+        raise InputError(f"{manifest}: " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+    if not specs:
+        raise InputError(f"{manifest}: the manifest lists no fields")
+    return specs
+
+
+def discover(inputs: list[str | Path], options: DiscoveryOptions) -> list[FieldSpec]:
+    """The fields of every INPUT, de-duplicated, or :class:`InputError` naming each unusable INPUT."""
+    if not inputs:
+        raise InputError("no INPUT given")
+    problems = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            problems.append(f"{raw}: no such file or folder")
+        elif not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+            problems.append(f"{raw}: permission denied")
+    if problems:
+        raise InputError("cannot read the inputs: " + "; ".join(problems))
+    specs: list[FieldSpec] = []
+    for raw in inputs:
+        path = Path(raw).expanduser().resolve()
+        if path.is_dir():
+            found = folder_specs(path, options)
+            if not found:
+                raise InputError(f"{raw}: the folder holds no images ({', '.join(FIELD_SUFFIXES)})")
+            specs.extend(found)
+        elif path.suffix.lower() == ".csv":
+            specs.extend(manifest_specs(path, options))
+        elif options.tile == "never":
+            specs.append(FieldSpec(path.stem, str(path), FIELD))
+        else:
+            specs.extend(slide_tiles(path, path.stem, options.tile_size))
+    return list(dict.fromkeys(specs))

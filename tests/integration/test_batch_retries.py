@@ -1,0 +1,63 @@
+"""Triton failures: a request that fails is retried (backoff, next endpoint); a dead server stops the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import pytest
+
+from batch.ledger import DONE, FAILED, LEDGER_FILE, PENDING, SQLiteLedger
+from batch.progress import LogProgress
+from batch.runner import BatchOptions, TritonNotReadyError, _Pipeline
+from gateway.client import TritonClient
+from gateway.service import ServedModel
+from gateway.triton_launcher import free_port
+from hybridcn.synth import synth_field
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = ROOT / "model_repository"
+
+
+def _ledger(tmp_path: Path, n: int) -> SQLiteLedger:
+    from batch.inputs import DiscoveryOptions, discover
+
+    for i in range(n):
+        path = tmp_path / "queue" / "S1" / f"f{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), cv2.cvtColor(synth_field(i % 4, seed=300 + i).image, cv2.COLOR_RGB2BGR))
+    ledger = SQLiteLedger(tmp_path / "out" / LEDGER_FILE)
+    ledger.register(discover([tmp_path / "queue"], DiscoveryOptions()))
+    return ledger
+
+
+def _pipeline(ledger, urls, messages, **options) -> _Pipeline:
+    model = ServedModel.from_repository(REPOSITORY)
+    todo = ledger.pending()
+    clients = [TritonClient(url, timeout_s=20) for url in urls]
+    return _Pipeline(ledger, model, clients, BatchOptions(out_dir=Path("unused"), batch_size=2, inflight=2,
+                                                          backoff_s=0.05, **options),
+                     LogProgress(messages.append, every_s=3600), {p.field_id: p.spec.slide_id for p in todo})
+
+
+def test_requests_that_fail_on_a_dead_endpoint_are_retried_on_the_next(triton_server, tmp_path):
+    ledger = _ledger(tmp_path, 8)
+    messages: list[str] = []
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there: every request to it fails
+    pipeline = _pipeline(ledger, [dead, triton_server.grpc_url], messages)
+    pipeline.run(ledger.pending(), workers=1)
+    assert ledger.counts()[DONE] == 8
+    assert any("retry 1 of 2" in m and dead in m for m in messages)
+
+
+def test_a_dead_server_fails_fields_after_the_last_attempt_then_stops_the_run(tmp_path):
+    ledger = _ledger(tmp_path, 12)
+    messages: list[str] = []
+    pipeline = _pipeline(ledger, [f"127.0.0.1:{free_port()}"], messages)
+    with pytest.raises(TritonNotReadyError, match="stopped answering.*remaining fields stay pending"):
+        pipeline.run(ledger.pending(), workers=1)
+    counts = ledger.counts()
+    assert counts[FAILED] >= 6 and counts[PENDING] > 0 and counts[FAILED] + counts[PENDING] == 12
+    failed = [r for r in ledger.rows() if r.status == FAILED]
+    assert all(r.error.startswith("inference failed after 3 attempts") for r in failed)
