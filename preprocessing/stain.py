@@ -49,11 +49,15 @@ def foreground_mask(
     field yields statistics.
     """
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    return _foreground_from_lab(lab, corner_fraction=corner_fraction, min_fraction=min_fraction)
+
+
+def _foreground_from_lab(lab: np.ndarray, *, corner_fraction: tuple[float, float], min_fraction: float) -> np.ndarray:
     lightness = lab[..., 0]
     threshold, _ = cv2.threshold(lightness, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     chroma = np.hypot(lab[..., 1].astype(np.float32) - 128.0, lab[..., 2].astype(np.float32) - 128.0)
     mask = (lightness < threshold) | (chroma > 30.0)
-    rows, cols = corner_box(rgb.shape, corner_fraction=corner_fraction)
+    rows, cols = corner_box(lab.shape, corner_fraction=corner_fraction)
     mask[rows, cols] = False
     if mask.mean() < min_fraction:
         allowed = np.ones_like(mask)
@@ -65,8 +69,11 @@ def foreground_mask(
 
 def lab_statistics(rgb: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std (float64, shape (3,)) of the L*a*b* pixels under ``mask``."""
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)
-    selected = lab[mask.reshape(-1)]
+    return _masked_statistics(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB), mask)
+
+
+def _masked_statistics(lab: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    selected = lab.reshape(-1, 3).astype(np.float64)[mask.reshape(-1)]
     return selected.mean(axis=0), selected.std(axis=0)
 
 
@@ -84,12 +91,13 @@ def reinhard_normalize(
     """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
-    mask = foreground_mask(rgb, corner_fraction=corner_fraction)
-    source_mean, source_std = lab_statistics(rgb, mask)
+    lab8 = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)  # converted once: mask, statistics and transfer share it
+    mask = _foreground_from_lab(lab8, corner_fraction=corner_fraction, min_fraction=0.05)
+    source_mean, source_std = _masked_statistics(lab8, mask)
     target_mean = np.asarray(reference.mean)
     target_std = np.asarray(reference.std)
     scale = target_std / np.maximum(source_std, min_std)
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab = lab8.astype(np.float32)
     lab = (lab - source_mean.astype(np.float32)) * scale.astype(np.float32) + target_mean.astype(np.float32)
     lab = np.clip(lab, 0, 255).round().astype(np.uint8)
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
