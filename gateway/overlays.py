@@ -39,22 +39,29 @@ def _rgba_png(rgba: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode()
 
 
-def cell_crops(rgb: np.ndarray, mask: np.ndarray, *, limit: int = 12, pad: int = 4) -> list[np.ndarray]:
-    _, cells = split_cells(mask)
+def cell_crops(rgb: np.ndarray, boxes: list[tuple[int, int, int, int]], *, limit: int = 12,
+               pad: int = 4) -> list[np.ndarray]:
+    """64x64 crops of the first ``limit`` cell boxes (x, y, width, height), padded by ``pad`` pixels."""
     crops = []
-    for cell in sorted(cells, key=lambda c: -c.area)[:limit]:
-        x, y, w, h = cell.bbox
+    for x, y, w, h in boxes[:limit]:
         crop = rgb[max(0, y - pad) : y + h + pad, max(0, x - pad) : x + w + pad]
         crops.append(cv2.resize(crop, (64, 64), interpolation=cv2.INTER_AREA))
     return crops
 
 
-def field_images(original: np.ndarray, preprocessed: np.ndarray, mask: np.ndarray, attention: np.ndarray) -> dict:
-    """Data URLs for the web page and reports (mask and attention as transparent overlays)."""
+def field_images(original: np.ndarray, preprocessed: np.ndarray, mask: np.ndarray, attention: np.ndarray,
+                 cells: list[dict] | None = None) -> dict:
+    """Data URLs for the web page and reports (mask and attention as transparent overlays).
+
+    ``cells`` are the result's cell dicts (their ``bbox`` and ``area``); without them the mask is split again.
+    """
+    if cells is None:
+        cells = [{"bbox": c.bbox, "area": c.area} for c in split_cells(mask)[1]]
+    boxes = [tuple(c["bbox"]) for c in sorted(cells, key=lambda c: -c["area"])]
     return {
         "original": png_data_url(original),
         "preprocessed": png_data_url(preprocessed),
         "mask": _rgba_png(rgba_map(mask, (0, 200, 120))),
         "attention": _rgba_png(heatmap(attention)),
-        "cells": [png_data_url(crop) for crop in cell_crops(original, mask)],
+        "cells": [png_data_url(crop) for crop in cell_crops(original, boxes)],
     }
