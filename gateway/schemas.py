@@ -48,3 +48,4 @@ class Health(BaseModel):
     status: str
     model_version: str | None = None
     triton: str | None = None
+    max_upload_bytes: int | None = Field(None, description="uploads larger than this are refused (413)")

@@ -24,7 +24,7 @@ async def get_readiness(state: State):
     ready = await state.client.ready()
     state.metrics.triton_ready.set(1 if ready else 0)
     body = Health(status="ready" if ready else "not ready", model_version=state.model.model_version,
-                  triton=state.client.url)
+                  triton=state.client.url, max_upload_bytes=state.settings.max_upload_bytes)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

@@ -68,7 +68,7 @@
   }
 
   /* ---------------------------------------------------------------- readiness */
-  const readiness = { ready: false, checked: false, waiters: [], timer: null };
+  const readiness = { ready: false, checked: false, waiters: [], timer: null, maxUploadBytes: null };
 
   function whenReady() {
     if (readiness.ready) return Promise.resolve();
@@ -82,6 +82,7 @@
     const status = $("server-status");
     status.dataset.state = ready ? "ready" : "down";
     const version = body && body.model_version ? ` · model ${body.model_version}` : "";
+    if (body && Number.isFinite(body.max_upload_bytes)) readiness.maxUploadBytes = body.max_upload_bytes;
     $("server-status-text").textContent = ready ? `Ready${version}` : `Not ready${version}`;
     $("ready-banner").hidden = ready;
     if (!ready) {
@@ -197,6 +198,11 @@
     if (!readiness.ready) {
       setPending(card, "Waiting for the server…");
       await whenReady();
+    }
+    if (readiness.maxUploadBytes && file.size > readiness.maxUploadBytes) {
+      showError(card, file, { code: "too_large", status: 413,
+        detail: `${bytes(file.size)} is over the server's upload limit of ${bytes(readiness.maxUploadBytes)}` });
+      return;
     }
     setPending(card, "Analysing…");
     const form = new FormData();

@@ -166,7 +166,8 @@ def test_gateway_refuses_oversized_uploads(triton_server, fields, tmp_path):
 
 def test_health_readiness_metrics_and_openapi(gateway, fields):
     assert httpx.get(f"{gateway.url}/healthz").json()["status"] == "ok"
-    assert httpx.get(f"{gateway.url}/readyz").status_code == 200
+    ready = httpx.get(f"{gateway.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["max_upload_bytes"] > 1_000_000
     httpx.post(f"{gateway.url}/v1/classify", content=encode(fields[0]), timeout=60)
     metrics = httpx.get(f"{gateway.url}/metrics").text
     assert "hybridcn_requests_total" in metrics

@@ -321,3 +321,21 @@ def test_batch_job_submitted_from_the_page_runs_to_done(browsing, gateway, field
     page.wait_for_timeout(400)  # the progress bar's width transition
     page.screenshot(path=str(artifacts_dir / "web-page-batch.png"), full_page=True)
     assert browsing.foreign_requests() == []
+
+
+def test_files_over_the_upload_limit_are_refused_before_uploading(browsing, field_png):
+    from playwright.sync_api import expect
+
+    page = browsing.page
+    page.route("**/readyz", lambda route: route.fulfill(
+        status=200, json={"status": "ready", "model_version": "test", "triton": None, "max_upload_bytes": 1000}))
+    posted = []
+    page.on("request", lambda request: posted.append(request.url) if "v1/classify" in request.url else None)
+    page.goto("/")
+    expect(page.locator("#server-status")).to_have_attribute("data-state", "ready")
+    page.set_input_files("#file-input", str(field_png))
+    card = page.locator(".result").first
+    expect(card).to_have_attribute("data-state", "error")
+    expect(card.locator(".error-message")).to_contain_text("too large")
+    expect(card.locator(".error-detail")).to_contain_text("upload limit of 1000 B")
+    assert posted == []
