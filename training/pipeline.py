@@ -172,24 +172,6 @@ def train_segmentation(
     return stage
 
 
-@torch.no_grad()
-def segment(stage: SegmentationStage, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask probabilities (N,H,W) float and segmented inputs are recomputed per batch; this returns masks only."""
-    masks, attention = [], []
-    for start in range(0, len(images), batch_size):
-        mask, att, _ = stage(images[start : start + batch_size])
-        masks.append(mask)
-        attention.append(att)
-    return torch.cat(masks), torch.cat(attention)
-
-
-def segmentation_scores(stage: SegmentationStage, images: torch.Tensor, masks: torch.Tensor, batch_size: int) -> dict:
-    predicted, _ = segment(stage, images, batch_size)
-    dice, iou = dice_iou(predicted.float() / 255.0, masks.float())
-    per_image = [dice_iou(p.float() / 255.0, m.float())[0] for p, m in zip(predicted, masks, strict=True)]
-    return {"dice": dice, "iou": iou, "mean_image_dice": float(np.mean(per_image)), "n": int(len(images))}
-
-
 class BackboneTrainer(nn.Module):
     """HybridCN-NAS backbones with linear probes (concatenation + one per backbone) for end-to-end training."""
 
