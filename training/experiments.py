@@ -23,7 +23,7 @@ from preprocessing import fit_field
 from preprocessing.stain import corner_box, foreground_mask
 from training.data import Sample, block_folds, clean_mask, find_samples, random_folds, read_rgb
 from training.metrics import classification_metrics
-from training.pipeline import TrainedModel, TrainOptions, fit_pipeline, predict
+from training.pipeline import TrainedModel, TrainOptions, dice_iou, fit_pipeline, predict
 
 Log = Callable[[str], None]
 
@@ -156,8 +156,6 @@ def crossvalidate(
             if variant == "full":
                 full_model = model
                 entry["shortcut_robustness"] = background_swap_accuracy(model, data, test, variant_options)
-                from training.pipeline import dice_iou
-
                 test_masks = data.masks[test]
                 ok = data.mask_ok[test]
                 if ok.any():
