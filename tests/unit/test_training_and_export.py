@@ -192,3 +192,26 @@ def test_shipped_repository_is_complete_and_parses():
     assert json.loads(preprocess["stain_reference"].string_value) == manifest["stain_reference"]
     total = sum(p.stat().st_size for p in repository.rglob("*") if p.is_file())
     assert total < 40 * 1024 * 1024  # shipped artifacts stay small
+
+
+def test_crossvalidation_records_variants_and_resumes(tmp_path):
+    from training.experiments import crossvalidate, load_dataset, shortcut_probe
+
+    root = write_dataset(tmp_path / "data", per_class=80, size=64)  # two blocks of 40 per class
+    data = load_dataset(root, 64, log=lambda message: None)
+    assert data.mask_ok.mean() > 0.8 and data.images.shape == (320, 64, 64, 3)
+    options = TrainOptions(seg_epochs=1, backbone_epochs=1, head_epochs=2, batch_size=32, workers=1,
+                           feature_views=0, device="cpu", progress=False)
+    out = tmp_path / "cv"
+    results = crossvalidate(data, get_profile("tiny"), options, out, variants=["full", "mlp_head"], folds=2,
+                            max_folds=1, log=lambda message: None)
+    fold = results["folds"]["0"]
+    assert set(fold) == {"full", "mlp_head"}
+    assert fold["full"]["metrics"]["n"] == len(fold["full"]["index"]) == 160
+    assert set(fold["full"]["shortcut_robustness"]) == {"as_is", "corner_blanked", "background_replaced"}
+    assert 0 <= fold["full"]["segmentation"]["dice"] <= 1
+    again = crossvalidate(data, get_profile("tiny"), options, out, variants=["full", "mlp_head"], folds=2,
+                          max_folds=1, log=lambda message: pytest.fail(f"should not retrain: {message}"))
+    assert again["folds"]["0"]["full"]["logits"] == fold["full"]["logits"]
+    probe = shortcut_probe(data, folds=2)
+    assert set(probe) == {"background_colour", "scale_bar_corner", "chance_accuracy"}
