@@ -96,24 +96,21 @@ def test_write_report_writes_tables_plots_and_calibration(tmp_path: Path) -> Non
     assert "210 s" in results or "211 s" in results
 
 
-def test_write_report_compares_the_leaky_random_split(tmp_path: Path) -> None:
-    study = _study(tmp_path, random_split=True)
+@pytest.mark.parametrize(
+    ("study_options", "expected"),
+    [
+        ({"random_split": True}, ["Random split (leaky)", "folds 0, 1, 2, 3, 4 of 5"]),  # leaky comparison
+        ({"extras": False}, ["not recorded", "Not run (no `cv_paper/cv_block.json`)"]),  # optional inputs absent
+    ],
+)
+def test_write_report_sections_follow_the_inputs(tmp_path: Path, study_options: dict, expected: list[str]) -> None:
+    study = _study(tmp_path, **study_options)
 
     write_report(study, tmp_path / "docs", bootstrap_rounds=20)
 
     results = (tmp_path / "docs" / "results.md").read_text()
-    assert "Random split (leaky)" in results
-    assert "folds 0, 1, 2, 3, 4 of 5" in results
-
-
-def test_write_report_without_optional_inputs(tmp_path: Path) -> None:
-    study = _study(tmp_path, extras=False)
-
-    write_report(study, tmp_path / "docs", bootstrap_rounds=20)
-
-    results = (tmp_path / "docs" / "results.md").read_text()
-    assert "not recorded" in results
-    assert "Not run (no `cv_paper/cv_block.json`)" in results
+    for text in expected:
+        assert text in results
 
 
 def test_write_report_rejects_a_study_without_block_cv(tmp_path: Path) -> None:
