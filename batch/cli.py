@@ -26,6 +26,9 @@ def add_batch_arguments(parser: argparse.ArgumentParser, *, default_repository: 
     parser.add_argument("--batch-size", type=int, default=8, help="fields per Triton request (default 8)")
     parser.add_argument("--inflight", type=int, default=4, help="Triton requests in flight (default 4)")
     parser.add_argument("--workers", type=int, default=0, help="preprocessing processes (default: one per core)")
+    parser.add_argument("--ort-threads", type=int, default=1,
+                        help="ONNX Runtime threads per stage of the embedded Triton this run starts (default 1: "
+                             "stages side by side, best throughput; 0: ORT's default)")
     parser.add_argument("--attempts", type=int, default=3, help="tries per Triton request before a field fails")
     parser.add_argument("--tile", choices=["auto", "always", "never"], default="auto",
                         help="auto: tile slide images given as INPUT and images too large for a field")
@@ -50,7 +53,7 @@ def run_batch_cli(args: argparse.Namespace) -> int:
     try:
         options = BatchOptions(
             out_dir=Path(args.out), repository=Path(args.repository), triton_urls=tuple(args.triton),
-            batch_size=args.batch_size, inflight=args.inflight, workers=args.workers,
+            batch_size=args.batch_size, inflight=args.inflight, workers=args.workers, ort_threads=args.ort_threads,
             retry_failed=args.retry_failed, attempts=args.attempts, tile=args.tile, tile_size=args.tile_size,
             gallery_size=args.gallery,
         )

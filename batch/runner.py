@@ -63,6 +63,10 @@ class BatchOptions:
     batch_size: int = 8
     inflight: int = 4
     workers: int = 0  # 0 = one per core
+    # ONNX Runtime threads per stage of the embedded server a run starts itself: one thread each lets
+    # segmentation and features run side by side on the cores, which beats ORT's per-stage thread pools
+    # under a full queue (see bench/bench_batch.py). 0 = ORT's default.
+    ort_threads: int = 1
     retry_failed: bool = False
     attempts: int = 3
     backoff_s: float = 0.5
@@ -76,8 +80,9 @@ class BatchOptions:
         for name in ("batch_size", "inflight", "attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        for name in ("workers", "ort_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tile_size and self.tile_size < 16:
             raise ValueError(f"tile_size must be 0 (the model's size) or >= 16, got {self.tile_size}")
         if self.tile not in TILE_MODES:
@@ -167,7 +172,7 @@ def triton_urls(options: BatchOptions, progress: Progress) -> Iterator[list[str]
     from gateway.local import triton_endpoint
 
     progress.message("batch: starting the embedded Triton server ...")
-    with triton_endpoint(options.repository, None) as url:
+    with triton_endpoint(options.repository, None, ort_threads=options.ort_threads) as url:
         yield [url]
 
 

@@ -17,14 +17,14 @@ from preprocessing import InvalidImageError
 
 
 @contextmanager
-def triton_endpoint(repository: Path, triton: str | None):
+def triton_endpoint(repository: Path, triton: str | None, *, ort_threads: int | None = None):
     """Yield a gRPC URL: the given one, or an embedded server started for the duration."""
     if triton:
         yield triton
         return
     from gateway.triton_launcher import EmbeddedTriton
 
-    with EmbeddedTriton(repository) as server:
+    with EmbeddedTriton(repository, ort_threads=ort_threads) as server:
         yield server.grpc_url
 
 

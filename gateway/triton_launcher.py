@@ -85,6 +85,10 @@ class EmbeddedTriton:
     metrics_port: int = 0
     ready_timeout: float = 120.0
     log_path: Path | None = None
+    #: ONNX Runtime threads per model instance. ``None`` keeps the repository's setting (ORT's default: every
+    #: core inside each stage, the lowest latency for one request at a time); ``1`` runs each stage on one
+    #: thread so the stages work side by side on the cores, the highest throughput for a full queue.
+    ort_threads: int | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -114,7 +118,7 @@ class EmbeddedTriton:
             "--log-verbose=0",
         ]
         log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(),
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
                                         start_new_session=True)
         log.close()
         try:
@@ -123,6 +127,12 @@ class EmbeddedTriton:
             self.stop()
             raise
         return self
+
+    def environment(self) -> dict[str, str]:
+        env = server_environment()
+        if self.ort_threads is not None:
+            env["HYBRIDCN_ORT_THREADS"] = str(self.ort_threads)  # read by export.triton_models.OnnxRuntimeModel
+        return env
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout

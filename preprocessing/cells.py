@@ -38,11 +38,9 @@ def split_cells(
         return np.zeros(mask.shape, np.int32), []
     distance = cv2.distanceTransform(binary, cv2.DIST_L2, 5)
     components, component_labels = cv2.connectedComponents(binary)
-    peaks = np.zeros_like(binary)
-    for component in range(1, components):
-        inside = component_labels == component
-        local_max = distance[inside].max()
-        peaks[inside & (distance >= peak_ratio * local_max)] = 1
+    component_max = np.zeros(components, np.float32)
+    np.maximum.at(component_max, component_labels.ravel(), distance.ravel())
+    peaks = ((binary == 1) & (distance >= peak_ratio * component_max[component_labels])).astype(np.uint8)
     # Separate plateaus of one component whose peaks are far apart: erode the peak map slightly.
     _, markers = cv2.connectedComponents(peaks)
     markers = markers.astype(np.int32) + 1
@@ -52,22 +50,39 @@ def split_cells(
     cv2.watershed(relief, markers)
     labels = np.where(markers > 1, markers - 1, 0).astype(np.int32)
     labels[binary == 0] = 0
+    return _measure_cells(labels, min_area)
+
+
+def _measure_cells(labels: np.ndarray, min_area: int) -> tuple[np.ndarray, list[Cell]]:
+    """Drop regions under ``min_area``, renumber the rest 1..K in label order, and measure them."""
+    count = int(labels.max())
+    ys, xs = np.nonzero(labels)
+    owner = labels[ys, xs]
+    areas = np.bincount(owner, minlength=count + 1)
+    x_sums = np.bincount(owner, weights=xs, minlength=count + 1)
+    y_sums = np.bincount(owner, weights=ys, minlength=count + 1)
+    x_min = np.full(count + 1, labels.shape[1], np.int64)
+    y_min = np.full(count + 1, labels.shape[0], np.int64)
+    x_max = np.full(count + 1, -1, np.int64)
+    y_max = np.full(count + 1, -1, np.int64)
+    np.minimum.at(x_min, owner, xs)
+    np.minimum.at(y_min, owner, ys)
+    np.maximum.at(x_max, owner, xs)
+    np.maximum.at(y_max, owner, ys)
+    renumber = np.zeros(count + 1, np.int32)
     cells: list[Cell] = []
-    kept = np.zeros_like(labels)
-    for label in range(1, int(labels.max()) + 1):
-        region = labels == label
-        area = int(region.sum())
+    for label in range(1, count + 1):
+        area = int(areas[label])
         if area < min_area:
             continue
-        ys, xs = np.nonzero(region)
-        new_label = len(cells) + 1
-        kept[region] = new_label
+        renumber[label] = len(cells) + 1
         cells.append(
             Cell(
-                label=new_label,
+                label=len(cells) + 1,
                 area=area,
-                bbox=(int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)),
-                centroid=(float(xs.mean()), float(ys.mean())),
+                bbox=(int(x_min[label]), int(y_min[label]), int(x_max[label] - x_min[label] + 1),
+                      int(y_max[label] - y_min[label] + 1)),
+                centroid=(float(x_sums[label] / area), float(y_sums[label] / area)),
             )
         )
-    return kept, cells
+    return renumber[labels], cells

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from preprocessing.stain import corner_box
+from preprocessing.stain import chroma_exceeds, corner_box
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,11 @@ def field_qc(rgb: np.ndarray, thresholds: QCThresholds | None = None) -> FieldQC
     valid = np.ones(rgb.shape[:2], dtype=bool)
     rows, cols = corner_box(rgb.shape, corner_fraction=thresholds.corner_fraction)
     valid[rows, cols] = False
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
-    chroma = np.hypot(lab[..., 1] - 128.0, lab[..., 2] - 128.0)
-    stained = float((chroma[valid] > 25.0).mean())
+    stained = float(chroma_exceeds(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB), 25)[valid].mean())
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     sharpness = float(cv2.Laplacian(gray, cv2.CV_32F)[valid].var())
-    saturated = float((rgb.min(axis=2)[valid] >= 250).mean())
+    darkest = cv2.min(cv2.min(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # per-pixel channel minimum
+    saturated = float((darkest[valid] >= 250).mean())
     return FieldQC(
         empty=stained < thresholds.min_stained_fraction,
         blurred=sharpness < thresholds.min_sharpness,

@@ -47,6 +47,17 @@ def test_the_command_exits_non_zero_naming_an_unreadable_input(tmp_path):
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         BatchOptions(out_dir=Path("x"), batch_size=0)
+    with pytest.raises(ValueError, match="ort_threads must be >= 0"):
+        BatchOptions(out_dir=Path("x"), ort_threads=-1)
+
+
+def test_the_embedded_server_a_batch_starts_runs_one_ort_thread_per_stage(monkeypatch):
+    from gateway.triton_launcher import EmbeddedTriton
+
+    monkeypatch.delenv("HYBRIDCN_ORT_THREADS", raising=False)
+    assert "HYBRIDCN_ORT_THREADS" not in EmbeddedTriton(Path("repo")).environment()  # serve: repository setting
+    threads = BatchOptions(out_dir=Path("x")).ort_threads
+    assert EmbeddedTriton(Path("repo"), ort_threads=threads).environment()["HYBRIDCN_ORT_THREADS"] == "1"
 
 
 def test_endpoints_are_used_round_robin_and_a_retry_goes_elsewhere():

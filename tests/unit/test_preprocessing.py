@@ -222,3 +222,68 @@ def test_watershed_splits_touching_cells():
     big = sorted(cells, key=lambda c: -c.area)[:2]
     assert abs(big[0].centroid[0] - big[1].centroid[0]) > 30
     assert split_cells(np.zeros((20, 20), np.uint8))[1] == []
+
+
+# The fast paths below replace plain numpy expressions; each must give exactly what the plain one gives,
+# because the shipped model was trained on the outputs of the plain ones.
+
+
+def _random_fields(count: int = 6) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    fields = [synth_field(i % 4, seed=100 + i).image for i in range(count)]
+    fields.append(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))  # every chroma value, odd shape
+    return fields
+
+
+def test_chroma_exceeds_equals_float_hypot_test():
+    from preprocessing.stain import chroma_exceeds
+
+    a, b = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    lab = np.stack([np.zeros_like(a), a, b], axis=-1)
+    for limit in (25, 30):
+        expected = np.hypot(a.astype(np.float32) - 128.0, b.astype(np.float32) - 128.0) > limit
+        assert np.array_equal(chroma_exceeds(lab, limit), expected)
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 1000, 1001])
+def test_channel_medians_equal_numpy_median(count):
+    from preprocessing.stain import _channel_medians
+
+    pixels = np.random.default_rng(count).integers(0, 256, (count, 3), dtype=np.uint8)
+    assert np.array_equal(_channel_medians(pixels), np.median(pixels, axis=0))
+
+
+def test_reinhard_lookup_table_equals_per_pixel_float_transfer():
+    reference = StainReference(mean=(150.0, 140.0, 120.0), std=(30.0, 8.0, 6.0))
+    for image in _random_fields():
+        lab8 = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+        mean, std = lab_statistics(image, foreground_mask(image))
+        scale = (np.asarray(reference.std) / np.maximum(std, 1.0)).astype(np.float32)
+        lab = (lab8.astype(np.float32) - mean.astype(np.float32)) * scale + np.asarray(reference.mean, np.float32)
+        expected = cv2.cvtColor(np.clip(lab, 0, 255).round().astype(np.uint8), cv2.COLOR_LAB2RGB)
+        assert np.array_equal(reinhard_normalize(image, reference), expected)
+
+
+def test_lab_statistics_equal_numpy_masked_mean_and_std():
+    for image in _random_fields():
+        mask = foreground_mask(image)
+        selected = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)[mask.reshape(-1)]
+        mean, std = lab_statistics(image, mask)
+        np.testing.assert_allclose(mean, selected.mean(axis=0), rtol=1e-10)
+        np.testing.assert_allclose(std, selected.std(axis=0), rtol=1e-8)
+
+
+def test_watershed_cell_measures_match_their_definitions():
+    rng = np.random.default_rng(5)
+    mask = np.zeros((160, 200), np.uint8)
+    for _ in range(25):
+        center = (int(rng.integers(0, 200)), int(rng.integers(0, 160)))
+        cv2.circle(mask, center, int(rng.integers(3, 22)), 255, -1)
+    labels, cells = split_cells(mask, min_area=30)
+    assert cells and [c.label for c in cells] == list(range(1, len(cells) + 1))
+    for cell in cells:
+        ys, xs = np.nonzero(labels == cell.label)
+        assert cell.area == len(xs) >= 30
+        assert cell.bbox == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        assert cell.centroid == (xs.mean(), ys.mean())
+    assert set(np.unique(labels)) == {0, *range(1, len(cells) + 1)}
