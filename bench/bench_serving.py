@@ -55,7 +55,7 @@ def bench_naive_eager(payloads: list[bytes], model: ServedModel) -> dict:
     import torch
 
     from hybridcn.profiles import Profile
-    from models import FeatureStage, HeadStage, SegmentationStage, create_model
+    from models import FeatureStage, HeadStage, create_model, segmentation_stage
 
     torch.set_num_threads(os.cpu_count() or 1)
     if TRAINED.exists():
@@ -67,7 +67,7 @@ def bench_naive_eager(payloads: list[bytes], model: ServedModel) -> dict:
     else:  # same architecture and sizes; weights do not change the speed
         profile = Profile.from_dict(model.manifest["profile"])
         features = create_model("hybrid_features", profile)
-        stages = (SegmentationStage(create_model("attention_unet", profile)), FeatureStage(features),
+        stages = (segmentation_stage(profile), FeatureStage(features),
                   HeadStage(create_model("mhsa_head", profile, num_features=features.num_features)))
         weights = "fresh weights, same architecture (checkpoint not present)"
     segmentation, feature_stage, head = (s.eval() for s in stages)

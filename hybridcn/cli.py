@@ -31,11 +31,15 @@ def _options(args: argparse.Namespace):
     return options
 
 
+def _profile(args: argparse.Namespace):
+    return PROFILES[args.profile].with_overrides(args.set)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from training.study import make_logger, train_final
 
     out = Path(args.out)
-    path = train_final(args.data, out, args.profile, _options(args), masks_file=args.masks,
+    path = train_final(args.data, out, _profile(args), _options(args), masks_file=args.masks,
                        log=make_logger(out / "log.txt"))
     print(f"model: {path}")
     return 0
@@ -44,7 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from training.study import run_study
 
-    run_study(args.data, Path(args.out), profile_name=args.profile, options=_options(args), minutes=args.minutes,
+    run_study(args.data, Path(args.out), profile=_profile(args), options=_options(args), minutes=args.minutes,
               masks_file=args.masks, folds=args.folds, paper_fold=args.paper_fold,
               cv_backbone_epochs=args.cv_backbone_epochs)
     return 0
@@ -124,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     def training_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data", required=True, help="labelled folder in a public release layout")
         p.add_argument("--profile", choices=profiles, default="compact")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override one profile value (JSON), e.g. segmentation.input_scale=2; repeatable")
         p.add_argument("--out", required=True)
         p.add_argument("--masks", help="mask cache from `hybridcn masks` (instead of reading Segmented/)")
         p.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models._registry import create_model
 from models.attention_unet import AttentionUNet
 from models.hybrid_features import HybridFeatures
 
@@ -39,21 +40,37 @@ def to_uint8_map(probability: torch.Tensor) -> torch.Tensor:
 class SegmentationStage(nn.Module):
     """``image (N,H,W,3) uint8`` -> ``mask (N,H,W) uint8, attention (N,H,W) uint8, segmented (N,3,H,W) f32``.
 
-    ``attention`` is the finest attention gate's coefficient map, upsampled to the field.
+    ``attention`` is the finest attention gate's coefficient map, upsampled to the field. With
+    ``input_scale`` > 1 the U-Net runs on the field average-pooled by that factor (see
+    ``SegmentationConfig``); the mask logits are upsampled to the field before the sigmoid.
     """
 
-    def __init__(self, unet: AttentionUNet, *, use_mask: bool = True) -> None:
+    def __init__(self, unet: AttentionUNet, *, use_mask: bool = True, input_scale: int = 1) -> None:
         super().__init__()
         self.unet = unet
         self.use_mask = use_mask
+        self.input_scale = input_scale
+
+    def mask_logits(self, normalized: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """U-Net mask logits at the field's size, and its gate maps; what phase 2 trains."""
+        if self.input_scale == 1:
+            return self.unet(normalized)
+        logits, gates = self.unet(F.avg_pool2d(normalized, self.input_scale))
+        return F.interpolate(logits, size=normalized.shape[-2:], mode="bilinear", align_corners=False), gates
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         normalized = uint8_to_normalized(image)
-        logits, gates = self.unet(normalized)
+        logits, gates = self.mask_logits(normalized)
         probability = torch.sigmoid(logits)
         attention = F.interpolate(gates[-1], size=normalized.shape[-2:], mode="bilinear", align_corners=False)
         segmented = segmented_input(normalized, probability) if self.use_mask else normalized
         return to_uint8_map(probability[:, 0]), to_uint8_map(attention[:, 0]), segmented
+
+
+def segmentation_stage(profile, *, use_mask: bool = True) -> SegmentationStage:
+    """The profile's Attention U-Net wrapped as the served first stage."""
+    return SegmentationStage(create_model("attention_unet", profile), use_mask=use_mask,
+                             input_scale=profile.segmentation.input_scale)
 
 
 class FeatureStage(nn.Module):

@@ -15,15 +15,21 @@ import numpy as np
 from preprocessing.contrast import clahe_lightness, multiscale_enhance
 from preprocessing.decode import DEFAULT_MAX_PIXELS, decode_image
 from preprocessing.errors import InvalidImageError
-from preprocessing.stain import StainReference, blank_corner, reinhard_normalize
+from preprocessing.stain import StainReference, blank_corner, flatten_background, reinhard_normalize
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Constants of phase 1. ``stain_normalize`` and ``enhance`` exist for the ablation studies."""
+    """Constants of phase 1. ``stain_normalize`` and ``enhance`` exist for the ablation studies.
+
+    ``flatten_background`` (after stain normalisation, before CLAHE) takes background appearance away
+    from the model by construction; off in the models trained so far, whose inputs must not change.
+    """
 
     blank_corner: bool = True
     stain_normalize: bool = True
+    flatten_background: bool = False
+    background_level: int = 235
     enhance: bool = True
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
@@ -70,7 +76,7 @@ def fit_field(rgb: np.ndarray, size: int, *, max_aspect_ratio: float = 4.0) -> n
 
 
 def enhance_field(rgb: np.ndarray, reference: StainReference, config: PreprocessConfig) -> np.ndarray:
-    """Scale-bar box blanked, Reinhard stain normalisation, CLAHE, multiscale enhancement.
+    """Scale-bar box blanked, Reinhard stain normalisation, [background flattened], CLAHE, multiscale enhancement.
 
     Each step is switchable for the ablation studies; the result is uint8 RGB of the same shape.
     """
@@ -79,6 +85,8 @@ def enhance_field(rgb: np.ndarray, reference: StainReference, config: Preprocess
         out = blank_corner(out, corner_fraction=config.corner_fraction)
     if config.stain_normalize:
         out = reinhard_normalize(out, reference, corner_fraction=config.corner_fraction)
+    if config.flatten_background:
+        out = flatten_background(out, level=config.background_level, corner_fraction=config.corner_fraction)
     if config.enhance:
         out = clahe_lightness(out, clip_limit=config.clahe_clip_limit, tile_grid=config.clahe_tile_grid)
         out = multiscale_enhance(

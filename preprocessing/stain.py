@@ -153,3 +153,18 @@ def blank_corner(rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.1
     fill = _channel_medians(rgb[background] if background.any() else rgb.reshape(-1, 3))
     out[rows, cols] = fill.round().astype(np.uint8)
     return out
+
+
+def flatten_background(
+    rgb: np.ndarray, *, level: int = 235, corner_fraction: tuple[float, float] = (0.12, 0.3)
+) -> np.ndarray:
+    """Paint everything but the stained matter one neutral grey, the same for every field.
+
+    Background colour and texture differ by acquisition session, and local contrast steps that come
+    after (CLAHE equalises each tile's histogram, background included) carry that difference into the
+    cells' own pixel values. With the background flat and identical everywhere, nothing downstream can
+    read it. Returns a new uint8 array.
+    """
+    out = rgb.copy()
+    out[~foreground_mask(rgb, corner_fraction=corner_fraction)] = level
+    return out

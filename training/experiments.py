@@ -32,6 +32,7 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "full": ({}, {}),
     "no_stain_normalization": ({"stain_normalize": False}, {}),
     "no_clahe_multiscale": ({"enhance": False}, {}),
+    "flat_background": ({"flatten_background": True}, {}),
     "no_segmentation": ({}, {"use_segmentation": False}),
     "convnext_only": ({}, {"use_nasnet": False}),
     "nasnet_only": ({}, {"use_convnext": False}),
@@ -120,6 +121,12 @@ def crossvalidate(
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"cv_{split}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"split": split, "folds": {}}
+    setup = json.loads(json.dumps({  # as it reads back from the file
+        "profile": profile.to_dict(),
+        "options": {k: v for k, v in options.to_dict().items() if k not in ("device", "workers", "progress")}}))
+    if results.setdefault("setup", setup) != setup:
+        raise ValueError(f"{results_path} holds folds trained with another profile or options; "
+                         "resume with the same ones or write to another folder")
     assignment = block_folds(data.samples, folds=folds) if split == "block" else random_folds(data.samples, folds=folds)
     results["assignment"] = assignment.tolist()
     results["labels"] = data.labels.tolist()
@@ -170,23 +177,37 @@ def crossvalidate(
 
 
 def background_swap_accuracy(model: TrainedModel, data: Dataset, test: np.ndarray, options: TrainOptions) -> dict:
-    """Accuracy on held-out fields as they are, with the corner box blanked, and with the background replaced.
+    """Accuracy on held-out fields as they are, with the corner box blanked, and with the background changed.
 
-    A model that reads the background colour or the scale bar loses accuracy when they change.
+    ``background_replaced`` paints the background one flat neutral colour; ``background_recoloured`` keeps
+    its texture but moves its median colour onto the median background of another class's fields (class
+    ``c`` gets class ``c+1``'s), the shortcut a model reading acquisition colour would fall for; the share
+    of fields then predicted as that other class is reported too. A model that does not read the
+    background keeps its accuracy in all three.
     """
     images = data.images[test]
     labels = data.labels[test]
-    blanked = images.copy()
-    swapped = images.copy()
+    masks = [foreground_mask(image) for image in images]
+    medians = np.array([np.median(image[~mask], axis=0) if (~mask).any() else np.full(3, 255.0)
+                        for image, mask in zip(images, masks, strict=True)])
+    class_background = {c: np.median(medians[labels == c], axis=0) for c in np.unique(labels)}
+    present = sorted(class_background)
+    other = np.array([present[(present.index(c) + 1) % len(present)] for c in labels])
+    blanked, replaced, recoloured = images.copy(), images.copy(), images.copy()
     neutral = np.array([235, 230, 235], np.uint8)
-    for i, image in enumerate(images):
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
         rows, cols = corner_box(image.shape, corner_fraction=model.profile.preprocess.corner_fraction)
         blanked[i, rows, cols] = 0
-        swapped[i][~foreground_mask(image)] = neutral
+        replaced[i][~mask] = neutral
+        shift = class_background[other[i]] - medians[i]
+        recoloured[i][~mask] = np.clip(image[~mask] + shift, 0, 255).round().astype(np.uint8)
     out = {}
-    for name, batch in (("as_is", images), ("corner_blanked", blanked), ("background_replaced", swapped)):
-        probabilities = predict(model, batch, options)["probabilities"]
-        out[name] = float((probabilities.argmax(1) == labels).mean())
+    for name, batch in (("as_is", images), ("corner_blanked", blanked), ("background_replaced", replaced),
+                        ("background_recoloured", recoloured)):
+        predicted = predict(model, batch, options)["probabilities"].argmax(1)
+        out[name] = float((predicted == labels).mean())
+        if name == "background_recoloured":
+            out["recoloured_predicted_as_donor_class"] = float((predicted == other).mean())
     return out
 
 

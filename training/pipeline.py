@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridcn.profiles import Profile
-from models import FeatureStage, HeadStage, SegmentationStage, create_model
+from models import FeatureStage, HeadStage, SegmentationStage, create_model, segmentation_stage
 from models.stages import uint8_to_normalized
 from preprocessing import PreprocessConfig, StainReference, enhance_field, fit_stain_reference
 from preprocessing.normalize import fit_zscore
@@ -140,8 +140,8 @@ def train_segmentation(
     generator: torch.Generator,
 ) -> SegmentationStage:
     """Phase 2: Attention U-Net on cleaned masks, BCE + soft Dice."""
-    unet = create_model("attention_unet", profile).to(options.device).to(memory_format=torch.channels_last)
-    stage = SegmentationStage(unet)
+    stage = segmentation_stage(profile).to(options.device).to(memory_format=torch.channels_last)
+    unet = stage.unet
     optimizer = torch.optim.AdamW(unet.parameters(), lr=options.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(images) // options.batch_size)
     total = steps_per_epoch * options.seg_epochs
@@ -155,7 +155,7 @@ def train_segmentation(
             batch, target = augment_batch(images[index], masks[index], generator=generator)
             _cosine_lr(optimizer, options.lr, step, total, steps_per_epoch)
             with _autocast(options.device):
-                logits, _ = unet(uint8_to_normalized(batch).contiguous(memory_format=torch.channels_last))
+                logits, _ = stage.mask_logits(uint8_to_normalized(batch).contiguous(memory_format=torch.channels_last))
             logits = logits.float()[:, 0]
             target = target.float()
             probability = torch.sigmoid(logits)
@@ -390,7 +390,7 @@ def load_trained(path: Path, device: str = "cpu") -> TrainedModel:
     state = torch.load(path, map_location=device, weights_only=False)
     profile = Profile.from_dict(state["profile"])
     use_convnext, use_nasnet = state["feature_parts"]
-    segmentation = SegmentationStage(create_model("attention_unet", profile), use_mask=state["use_mask"])
+    segmentation = segmentation_stage(profile, use_mask=state["use_mask"])
     segmentation.load_state_dict(state["segmentation"])
     features = FeatureStage(create_model("hybrid_features", profile, use_convnext=use_convnext, use_nasnet=use_nasnet))
     features.load_state_dict(state["features"])

@@ -159,10 +159,9 @@ def _folds_text(folds: list[int], n_folds: int) -> str:
     return f"fold{'s' if len(folds) != 1 else ''} {', '.join(map(str, folds))} of {n_folds}"
 
 
-def _robustness_row(name: str, accuracy: dict) -> list[str]:
+def _robustness_row(name: str, accuracy: dict, keys: tuple[str, ...]) -> list[str]:
     drop = 100 * (accuracy["background_replaced"] - accuracy["as_is"])
-    return [name, _pct(accuracy["as_is"]), _pct(accuracy["corner_blanked"]),
-            _pct(accuracy["background_replaced"]), f"{drop:+.1f} pt"]
+    return [name, *(_pct(accuracy[k]) for k in keys), f"{drop:+.1f} pt"]
 
 
 def _plot_reliability(path: Path, labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray,
@@ -399,15 +398,20 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
         md += [_table(["Probe features", "Block-CV accuracy"], rows), ""]
     robust = [r for r in full.values() if "shortcut_robustness" in r.entry]
     if robust:
-        md.append("The full model on held-out fields as they are, with the scale-bar corner blanked, and "
-                  "with the background (non-stained pixels) replaced by a neutral colour:")
+        md.append("The full model on held-out fields as they are, with the scale-bar corner blanked, with "
+                  "the background (non-stained pixels) replaced by a neutral colour, and (newer runs) with "
+                  "the background recoloured to another class's median background, texture kept:")
         md.append("")
+        keys = ("as_is", "corner_blanked", "background_replaced")
+        if all("background_recoloured" in r.entry["shortcut_robustness"] for r in robust):
+            keys += ("background_recoloured",)
         weights = np.array([len(r.labels) for r in robust], float)
         pooled = {k: float(np.average([r.entry["shortcut_robustness"][k] for r in robust], weights=weights))
-                  for k in ("as_is", "corner_blanked", "background_replaced")}
-        rows = [_robustness_row(str(r.fold), r.entry["shortcut_robustness"]) for r in robust]
-        rows.append(_robustness_row("pooled", pooled))
-        md += [_table(["Fold", "As is", "Corner blanked", "Background replaced", "Δ background"], rows), ""]
+                  for k in keys}
+        rows = [_robustness_row(str(r.fold), r.entry["shortcut_robustness"], keys) for r in robust]
+        rows.append(_robustness_row("pooled", pooled, keys))
+        headers = ["Fold", "As is", "Corner blanked", "Background replaced", "Background recoloured"][: len(keys) + 1]
+        md += [_table([*headers, "Δ background"], rows), ""]
 
     # 7. segmentation
     md += ["## 7. Segmentation (Attention U-Net vs cleaned `Segmented/` masks)", ""]

@@ -29,15 +29,19 @@ def make_logger(path: Path):
     return log
 
 
-def train_final(data_dir: str, out_dir: Path, profile_name: str, options: TrainOptions, *,
+def train_final(data_dir: str, out_dir: Path, profile: Profile | str, options: TrainOptions, *,
                 masks_file: str | None = None, log=print, data=None) -> Path:
     """Train on every field of ``data_dir``; writes ``out_dir/model.pt`` and ``config.json`` (resumable)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    config_path = out_dir / "config.json"
+    if config_path.exists() and json.loads(config_path.read_text())["profile"] != json.loads(
+            json.dumps(profile.to_dict())):
+        raise ValueError(f"{out_dir} holds a run of another profile; resume it with the same one or use another --out")
     target = out_dir / "model.pt"
     if target.exists():
         log(f"{target} exists; final model already trained")
         return target
-    profile = get_profile(profile_name)
     (out_dir / "config.json").write_text(json.dumps({"profile": profile.to_dict(), "options": options.to_dict(),
                                                       "data": str(data_dir)}, indent=2))
     data = data or load_dataset(data_dir, profile.image_size, masks_file=masks_file, log=log)
@@ -50,7 +54,7 @@ def train_final(data_dir: str, out_dir: Path, profile_name: str, options: TrainO
     return target
 
 
-def run_study(data_dir: str, out_dir: Path, *, profile_name: str, options: TrainOptions, minutes: float,
+def run_study(data_dir: str, out_dir: Path, *, profile: Profile | str, options: TrainOptions, minutes: float,
               masks_file: str | None = None, folds: int = 5, paper_fold: bool = True,
               cv_backbone_epochs: int | None = None) -> None:
     """Final model, then cross-validation in priority order, each step only if the budget allows.
@@ -60,9 +64,9 @@ def run_study(data_dir: str, out_dir: Path, *, profile_name: str, options: Train
     """
     deadline = time.time() + minutes * 60
     log = make_logger(out_dir / "log.txt")
-    profile = get_profile(profile_name)
+    profile = get_profile(profile) if isinstance(profile, str) else profile
     data = load_dataset(data_dir, profile.image_size, masks_file=masks_file, log=log)
-    train_final(data_dir, out_dir / "final", profile_name, options, masks_file=masks_file, log=log, data=data)
+    train_final(data_dir, out_dir / "final", profile, options, masks_file=masks_file, log=log, data=data)
     (out_dir / "shortcuts.json").write_text(json.dumps(shortcut_probe(data, folds=folds), indent=2))
     cv_options = replace(options, backbone_epochs=cv_backbone_epochs or options.backbone_epochs)
     cv_dir = out_dir / "cv"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybridcn.profiles import CLASS_NAMES, PROFILES, get_profile
-from models import FeatureStage, HeadStage, SegmentationStage, create_model, list_models
+from models import FeatureStage, HeadStage, create_model, list_models, segmentation_stage
 from models.stages import uint8_to_normalized
 from preprocessing.normalize import zscore
 
@@ -80,7 +80,7 @@ def test_in_graph_zscore_matches_numpy_reference():
 
 
 def test_stages_take_uint8_and_name_their_outputs(tiny):
-    segmentation = SegmentationStage(create_model("attention_unet", tiny)).eval()
+    segmentation = segmentation_stage(tiny).eval()
     features = FeatureStage(create_model("hybrid_features", tiny)).eval()
     head = HeadStage(create_model("mhsa_head", tiny, num_features=features.features.num_features)).eval()
     image = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
@@ -91,3 +91,15 @@ def test_stages_take_uint8_and_name_their_outputs(tiny):
     assert attention.dtype == torch.uint8 and segmented.shape == (2, 3, 64, 64)
     np.testing.assert_allclose(probabilities.sum(1).numpy(), 1.0, atol=1e-5)
     assert feature_attention.shape == (2, tiny.head.tokens)
+
+
+def test_profile_overrides_change_one_field_and_refuse_unknown_ones():
+    compact = get_profile("compact")
+    changed = compact.with_overrides(["segmentation.input_scale=2", "preprocess.flatten_background=true",
+                                      "preprocess.multiscale_sigmas=[1, 3]"])
+    assert changed.segmentation.input_scale == 2 and changed.preprocess.flatten_background is True
+    assert changed.preprocess.multiscale_sigmas == (1, 3)
+    assert changed.with_overrides([]) == changed and changed.features == compact.features
+    for bad in ("segmentation.no_such_field=1", "segmentation=3", "input_scale", "segmentation.input_scale=0"):
+        with pytest.raises(ValueError):
+            compact.with_overrides([bad])

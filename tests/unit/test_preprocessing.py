@@ -16,6 +16,7 @@ from preprocessing import (
     PreprocessConfig,
     StainReference,
     decode_image,
+    enhance_field,
     field_qc,
     fit_field,
     fit_stain_reference,
@@ -25,7 +26,7 @@ from preprocessing import (
 )
 from preprocessing.contrast import clahe_lightness, multiscale_enhance
 from preprocessing.normalize import fit_zscore, zscore
-from preprocessing.stain import blank_corner, corner_box, foreground_mask, lab_statistics
+from preprocessing.stain import blank_corner, corner_box, flatten_background, foreground_mask, lab_statistics
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +288,21 @@ def test_watershed_cell_measures_match_their_definitions():
         assert cell.bbox == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
         assert cell.centroid == (xs.mean(), ys.mean())
     assert set(np.unique(labels)) == {0, *range(1, len(cells) + 1)}
+
+
+def test_flattened_background_makes_the_model_input_ignore_background_colour():
+    config = PreprocessConfig(flatten_background=True)
+    reference = StainReference(mean=(150.0, 140.0, 120.0), std=(30.0, 8.0, 6.0))
+    field = synth_field(1, seed=11).image
+    background = ~foreground_mask(field)
+    recoloured = field.copy()
+    recoloured[background] = np.clip(field[background].astype(int) + (-25, 10, 20), 0, 255).astype(np.uint8)
+    plain = enhance_field(field, reference, PreprocessConfig())
+    plain_recoloured = enhance_field(recoloured, reference, PreprocessConfig())
+    flat = enhance_field(field, reference, config)
+    flat_recoloured = enhance_field(recoloured, reference, config)
+    cells = ~background
+    changed = lambda a, b: float(np.abs(a[cells].astype(int) - b[cells].astype(int)).mean())  # noqa: E731
+    assert changed(flat, flat_recoloured) < 0.25 * changed(plain, plain_recoloured)
+    flattened = flatten_background(field, level=200)
+    assert (flattened[background] == 200).all() and np.array_equal(flattened[cells], field[cells])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -208,10 +209,14 @@ def test_crossvalidation_records_variants_and_resumes(tmp_path):
     fold = results["folds"]["0"]
     assert set(fold) == {"full", "mlp_head"}
     assert fold["full"]["metrics"]["n"] == len(fold["full"]["index"]) == 160
-    assert set(fold["full"]["shortcut_robustness"]) == {"as_is", "corner_blanked", "background_replaced"}
+    assert set(fold["full"]["shortcut_robustness"]) == {"as_is", "corner_blanked", "background_replaced",
+                                                        "background_recoloured", "recoloured_predicted_as_donor_class"}
     assert 0 <= fold["full"]["segmentation"]["dice"] <= 1
     again = crossvalidate(data, get_profile("tiny"), options, out, variants=["full", "mlp_head"], folds=2,
                           max_folds=1, log=lambda message: pytest.fail(f"should not retrain: {message}"))
     assert again["folds"]["0"]["full"]["logits"] == fold["full"]["logits"]
+    with pytest.raises(ValueError, match="another profile or options"):
+        crossvalidate(data, get_profile("tiny"), replace(options, backbone_epochs=2), out, variants=["full"],
+                      folds=2, max_folds=1, log=lambda message: None)
     probe = shortcut_probe(data, folds=2)
     assert set(probe) == {"background_colour", "scale_bar_corner", "chance_accuracy"}
