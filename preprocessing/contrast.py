@@ -10,16 +10,27 @@ import cv2
 import numpy as np
 
 
-def clahe_lightness(rgb: np.ndarray, *, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+def clahe_lightness(
+    rgb: np.ndarray, *, clip_limit: float = 2.0, tile_grid: int = 8, cells: np.ndarray | None = None,
+    fill_level: int = 235,
+) -> np.ndarray:
     """Contrast-limited adaptive histogram equalisation of L* (uint8 RGB in and out).
 
     Zuiderveld K. "Contrast limited adaptive histogram equalization". Graphics Gems IV, 1994.
+
+    With a boolean ``cells`` mask, each tile's histogram is taken as if every other pixel had lightness
+    ``fill_level``, and only the cells' lightness is replaced: the mapping the cells get no longer
+    depends on the background around them, which keeps its own pixels.
     """
     if clip_limit <= 0 or tile_grid < 1:
         raise ValueError(f"clip_limit must be > 0 and tile_grid >= 1, got {clip_limit}, {tile_grid}")
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
     clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid))
-    lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+    if cells is None:
+        lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+    else:
+        lightness = np.where(cells, lab[..., 0], np.uint8(fill_level))
+        lab[..., 0] = np.where(cells, clahe.apply(lightness), lab[..., 0])
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 

@@ -15,20 +15,29 @@ import numpy as np
 from preprocessing.contrast import clahe_lightness, multiscale_enhance
 from preprocessing.decode import DEFAULT_MAX_PIXELS, decode_image
 from preprocessing.errors import InvalidImageError
-from preprocessing.stain import StainReference, blank_corner, flatten_background, reinhard_normalize
+from preprocessing.stain import (
+    StainReference,
+    blank_corner,
+    flatten_background,
+    foreground_mask,
+    reinhard_normalize,
+)
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Constants of phase 1. ``stain_normalize`` and ``enhance`` exist for the ablation studies.
 
-    ``flatten_background`` (after stain normalisation, before CLAHE) takes background appearance away
-    from the model by construction; off in the models trained so far, whose inputs must not change.
+    ``flatten_background`` (after stain normalisation, before CLAHE) paints the background one grey;
+    ``clahe_cells_only`` takes CLAHE's tile histograms over the stained matter only (the background
+    counted as ``background_level``). Both keep the background from changing the cells' pixels, and both
+    lost accuracy in a fold-0 experiment (MODEL_CARD.md, shortcut audit): ablation variants, off by default.
     """
 
     blank_corner: bool = True
     stain_normalize: bool = True
     flatten_background: bool = False
+    clahe_cells_only: bool = False
     background_level: int = 235
     enhance: bool = True
     clahe_clip_limit: float = 2.0
@@ -88,7 +97,9 @@ def enhance_field(rgb: np.ndarray, reference: StainReference, config: Preprocess
     if config.flatten_background:
         out = flatten_background(out, level=config.background_level, corner_fraction=config.corner_fraction)
     if config.enhance:
-        out = clahe_lightness(out, clip_limit=config.clahe_clip_limit, tile_grid=config.clahe_tile_grid)
+        cells = foreground_mask(out, corner_fraction=config.corner_fraction) if config.clahe_cells_only else None
+        out = clahe_lightness(out, clip_limit=config.clahe_clip_limit, tile_grid=config.clahe_tile_grid, cells=cells,
+                              fill_level=config.background_level)
         out = multiscale_enhance(
             out,
             sigmas=config.multiscale_sigmas,

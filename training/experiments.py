@@ -33,6 +33,7 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "no_stain_normalization": ({"stain_normalize": False}, {}),
     "no_clahe_multiscale": ({"enhance": False}, {}),
     "flat_background": ({"flatten_background": True}, {}),
+    "clahe_cells_only": ({"clahe_cells_only": True}, {}),
     "no_segmentation": ({}, {"use_segmentation": False}),
     "convnext_only": ({}, {"use_nasnet": False}),
     "nasnet_only": ({}, {"use_convnext": False}),
@@ -160,9 +161,10 @@ def crossvalidate(
             metrics = classification_metrics(data.labels[test], prediction["probabilities"])
             entry = {"metrics": metrics, "logits": prediction["logits"].tolist(),
                      "index": np.nonzero(test)[0].tolist(), "seconds": time.time() - started}
+            if variant == "full" or ABLATIONS[variant][0]:  # the full model and every preprocessing variant
+                entry["shortcut_robustness"] = background_swap_accuracy(model, data, test, variant_options)
             if variant == "full":
                 full_model = model
-                entry["shortcut_robustness"] = background_swap_accuracy(model, data, test, variant_options)
                 test_masks = data.masks[test]
                 ok = data.mask_ok[test]
                 if ok.any():

@@ -306,3 +306,16 @@ def test_flattened_background_makes_the_model_input_ignore_background_colour():
     assert changed(flat, flat_recoloured) < 0.25 * changed(plain, plain_recoloured)
     flattened = flatten_background(field, level=200)
     assert (flattened[background] == 200).all() and np.array_equal(flattened[cells], field[cells])
+
+
+def test_clahe_over_cells_only_ignores_the_background_and_keeps_it():
+    field = synth_field(2, seed=12).image
+    cells = foreground_mask(field)
+    flat = field.copy()
+    flat[~cells] = (250, 250, 250)
+    a = clahe_lightness(field, cells=cells)
+    b = clahe_lightness(flat, cells=cells)
+    assert np.abs(a[cells].astype(int) - b[cells].astype(int)).max() <= 2  # Lab round trip of the chroma only
+    assert np.abs(a[~cells].astype(int) - field[~cells].astype(int)).max() <= 2  # background left as it was
+    plain_a, plain_b = clahe_lightness(field), clahe_lightness(flat)
+    assert np.abs(plain_a[cells].astype(int) - plain_b[cells].astype(int)).mean() > 1.0  # what it fixes
