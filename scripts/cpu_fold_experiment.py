@@ -34,6 +34,7 @@ def main() -> int:
     parser.add_argument("--seg-epochs", type=int, default=4)
     parser.add_argument("--backbone-epochs", type=int, default=10)
     parser.add_argument("--head-epochs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -43,7 +44,7 @@ def main() -> int:
     profile = compact.with_changes(image_size=args.size, features=replace(compact.features, input_size=args.size))
     data = load_dataset(args.data, args.size, log=log)
     options = TrainOptions(seg_epochs=args.seg_epochs, backbone_epochs=args.backbone_epochs,
-                           head_epochs=args.head_epochs, batch_size=64, feature_views=1, device="cpu",
+                           head_epochs=args.head_epochs, batch_size=64, feature_views=1, seed=args.seed, device="cpu",
                            progress=False)
     crossvalidate(data, profile, options, out / "cv", variants=args.variants, folds=5, max_folds=1, log=log)
     return 0
