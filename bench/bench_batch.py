@@ -108,9 +108,9 @@ def main() -> int:
 
     repository = Path(args.repository)
     model = ServedModel.from_repository(repository)
-    options_for = lambda out: BatchOptions(  # noqa: E731
-        out_dir=out, repository=repository, batch_size=args.batch_size, inflight=args.inflight, workers=args.workers)
-    batch_threads = options_for(Path(".")).ort_threads
+    options = BatchOptions(out_dir=Path("."), repository=repository, batch_size=args.batch_size,
+                           inflight=args.inflight, workers=args.workers)
+    batch_threads = options.ort_threads  # what `hybridcn batch` gives the embedded server it starts
     naive_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as scratch:
         queue = Path(scratch) / "queue"
@@ -125,7 +125,7 @@ def main() -> int:
         with EmbeddedTriton(repository, ort_threads=batch_threads) as server:
             warm_up(server.grpc_url, paths[0], model)
             naive_s["batch_server"] = naive(paths, model, server.grpc_url)
-            options = replace(options_for(Path(scratch) / "out"), triton_urls=(server.grpc_url,))
+            options = replace(options, out_dir=Path(scratch) / "out", triton_urls=(server.grpc_url,))
             started = time.perf_counter()
             summary = run_batch([queue], options)
             batch_s = time.perf_counter() - started
