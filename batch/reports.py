@@ -284,12 +284,9 @@ def gallery_images(original: np.ndarray, mask: np.ndarray, attention: np.ndarray
 
     ``original`` may be a thumbnail: the maps are resized to it.
     """
-    from gateway.overlays import heatmap, rgba_map
+    from gateway.overlays import fit_maps, heatmap, rgba_map
 
-    if mask.shape != original.shape[:2]:
-        size = (original.shape[1], original.shape[0])
-        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-        attention = cv2.resize(attention, size, interpolation=cv2.INTER_AREA)
+    mask, attention = fit_maps(mask, attention, original.shape)
     return {
         "field": jpeg_data_url(original),
         "mask": jpeg_data_url(_blend(original, rgba_map((mask > 127).astype(np.uint8) * 140, (0, 200, 120)))),

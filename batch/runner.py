@@ -238,9 +238,9 @@ def make_gallery_renderer(ledger: Ledger, clients: Sequence[TritonClient], model
             except Exception:
                 output = None
             for j, field_id in enumerate(group):
-                original = prepared[field_id].original
-                images[field_id] = (gallery_images(original, output.mask[j], output.attention[j])
-                                    if output is not None else {"field": jpeg_data_url(original)})
+                display = prepared[field_id].display
+                images[field_id] = (gallery_images(display, output.mask[j], output.attention[j])
+                                    if output is not None else {"field": jpeg_data_url(display)})
         return images
 
     return render
@@ -424,7 +424,7 @@ def run_batch(inputs: Sequence[str | Path], options: BatchOptions, *, progress: 
             model = ServedModel.from_repository(Path(options.repository))
         except (OSError, KeyError, ValueError) as error:
             raise BatchError(f"cannot read the model repository {options.repository}: {error}") from error
-    tile_size = options.tile_size or model.image_size
+    tile_size = options.tile_size or model.field_size
     specs = discover(list(inputs), DiscoveryOptions(tile_size=tile_size, tile=options.tile,
                                                     max_field_pixels=model.preprocess.max_pixels))
     out_dir = Path(options.out_dir)

@@ -88,10 +88,11 @@ def prepare_one(field_id: int, spec: FieldSpec, model: ServedModel, readers: Rea
         return Preparation(field_id, FAILED, error=describe_error(error))
     if prepared is None:
         return Preparation(field_id, SKIPPED, error="background tile (field QC: empty)")
-    # The main process needs what goes to Triton, the QC, and a thumbnail; the full original stays here.
-    light = PreparedField(np.empty((0, 0, 3), np.uint8), prepared.preprocessed, prepared.qc,
-                          prepared.source_shape, prepared.timings_ms)
-    thumbnail = cv2.resize(prepared.original, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+    # The main process needs what goes to Triton, the QC, and a thumbnail; the full field stays here.
+    nothing = np.empty((0, 0, 3), np.uint8)
+    light = PreparedField(nothing, nothing, prepared.preprocessed, prepared.qc, prepared.source_shape,
+                          prepared.timings_ms)
+    thumbnail = cv2.resize(prepared.display, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
     return Preparation(field_id, OK, light, thumbnail=thumbnail)
 
 

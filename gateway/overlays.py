@@ -39,6 +39,15 @@ def _rgba_png(rgba: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode()
 
 
+def fit_maps(mask: np.ndarray, attention: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's mask and attention map resized to an image of ``shape`` (a field in scanner pixels, a thumbnail)."""
+    if mask.shape == shape[:2]:
+        return mask, attention
+    size = (shape[1], shape[0])
+    return (cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST),
+            cv2.resize(attention, size, interpolation=cv2.INTER_AREA))
+
+
 def cell_crops(rgb: np.ndarray, boxes: list[tuple[int, int, int, int]], *, limit: int = 12,
                pad: int = 4) -> list[np.ndarray]:
     """64x64 crops of the first ``limit`` cell boxes (x, y, width, height), padded by ``pad`` pixels."""
@@ -49,19 +58,23 @@ def cell_crops(rgb: np.ndarray, boxes: list[tuple[int, int, int, int]], *, limit
     return crops
 
 
-def field_images(original: np.ndarray, preprocessed: np.ndarray, mask: np.ndarray, attention: np.ndarray,
+def field_images(display: np.ndarray, preprocessed: np.ndarray, mask: np.ndarray, attention: np.ndarray,
                  cells: list[dict] | None = None) -> dict:
     """Data URLs for the web page and reports (mask and attention as transparent overlays).
 
-    ``cells`` are the result's cell dicts (their ``bbox`` and ``area``); without them the mask is split again.
+    ``display`` is the field in scanner pixels; a model that runs at a lower resolution has its mask and
+    attention resized to it. ``cells`` are the result's cell dicts (``bbox`` and ``area`` in field pixels);
+    without them the mask is split again.
     """
+    scale = display.shape[0] / mask.shape[0]
     if cells is None:
-        cells = [{"bbox": c.bbox, "area": c.area} for c in split_cells(mask)[1]]
+        cells = [{"bbox": [round(v * scale) for v in c.bbox], "area": c.area} for c in split_cells(mask)[1]]
+    mask, attention = fit_maps(mask, attention, display.shape)
     boxes = [tuple(c["bbox"]) for c in sorted(cells, key=lambda c: -c["area"])]
     return {
-        "original": png_data_url(original),
+        "original": png_data_url(display),
         "preprocessed": png_data_url(preprocessed),
         "mask": _rgba_png(rgba_map(mask, (0, 200, 120))),
         "attention": _rgba_png(heatmap(attention)),
-        "cells": [png_data_url(crop) for crop in cell_crops(original, boxes)],
+        "cells": [png_data_url(crop) for crop in cell_crops(display, boxes)],
     }

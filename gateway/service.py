@@ -32,7 +32,8 @@ class ServedModel:
 
     model_version: str
     classes: tuple[str, ...]
-    image_size: int
+    image_size: int  # what the networks see
+    field_size: int  # a field in scanner pixels; slides are tiled at this size
     reference: StainReference
     preprocess: PreprocessConfig
     review_threshold: float
@@ -46,6 +47,7 @@ class ServedModel:
             model_version=manifest["model_version"],
             classes=tuple(profile["classes"]),
             image_size=int(profile["image_size"]),
+            field_size=int(profile.get("field_size", 224)),
             reference=StainReference.from_dict(manifest["stain_reference"]),
             preprocess=PreprocessConfig.from_dict(profile["preprocess"]),
             review_threshold=float(review_threshold if review_threshold is not None else manifest["review_threshold"]),
@@ -56,6 +58,7 @@ class ServedModel:
 @dataclass
 class PreparedField:
     original: np.ndarray  # (S, S, 3) uint8, fitted to the model size
+    display: np.ndarray  # (F, F, 3) uint8, fitted to the field size: what people see (web page, reports)
     preprocessed: np.ndarray  # (S, S, 3) uint8, what Triton receives
     qc: FieldQC
     source_shape: tuple[int, int]
@@ -92,9 +95,11 @@ def prepare_array(rgb: np.ndarray, model: ServedModel) -> PreparedField:
     """Fit, QC and preprocess an already decoded RGB field."""
     start = time.perf_counter()
     original = fit_field(rgb, model.image_size, max_aspect_ratio=model.preprocess.max_aspect_ratio)
+    display = original if model.field_size == model.image_size else fit_field(
+        rgb, model.field_size, max_aspect_ratio=model.preprocess.max_aspect_ratio)
     qc = field_qc(original)
     preprocessed = enhance_field(original, model.reference, model.preprocess)
-    return PreparedField(original, preprocessed, qc, rgb.shape[:2], {"preprocess": _ms(start)})
+    return PreparedField(original, display, preprocessed, qc, rgb.shape[:2], {"preprocess": _ms(start)})
 
 
 def prepare_bytes(data: bytes, model: ServedModel) -> PreparedField:
@@ -115,6 +120,7 @@ def interpret(prepared: PreparedField, output: EnsembleOutput, model: ServedMode
     best = int(np.argmax(probabilities))
     confidence = float(probabilities[best])
     _, cells = split_cells(output.mask[0])
+    scale = model.field_size / model.image_size  # cells are reported in field pixels
     reasons = []
     if confidence < model.review_threshold:
         reasons.append(f"confidence {confidence:.3f} below review threshold {model.review_threshold:.3f}")
@@ -129,7 +135,8 @@ def interpret(prepared: PreparedField, output: EnsembleOutput, model: ServedMode
         needs_review=bool(reasons),
         review_reasons=reasons,
         cell_count=len(cells),
-        cells=[{"bbox": list(c.bbox), "area": c.area, "centroid": [round(v, 1) for v in c.centroid]} for c in cells],
+        cells=[{"bbox": [round(v * scale) for v in c.bbox], "area": round(c.area * scale * scale),
+                "centroid": [round(v * scale, 1) for v in c.centroid]} for c in cells],
         qc=prepared.qc.to_dict(),
         model_version=model.model_version,
         timings_ms=timings,

@@ -24,7 +24,7 @@ def _options(args: argparse.Namespace):
     from training.pipeline import TrainOptions
 
     options = TrainOptions(seed=args.seed, progress=sys.stderr.isatty())
-    for name in ("seg_epochs", "backbone_epochs", "head_epochs", "batch_size", "device", "workers"):
+    for name in ("seg_epochs", "backbone_epochs", "head_epochs", "batch_size", "feature_views", "device", "workers"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(options, name, value)
@@ -50,7 +50,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     run_study(args.data, Path(args.out), profile=_profile(args), options=_options(args), minutes=args.minutes,
               masks_file=args.masks, folds=args.folds, paper_fold=args.paper_fold,
-              cv_backbone_epochs=args.cv_backbone_epochs)
+              cv_backbone_epochs=args.cv_backbone_epochs, variants=args.variants)
     return 0
 
 
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backbone-epochs", type=int)
         p.add_argument("--head-epochs", type=int)
         p.add_argument("--batch-size", type=int)
+        p.add_argument("--feature-views", type=int, help="augmented feature passes per field for the head (default 2)")
         p.add_argument("--device")
         p.add_argument("--workers", type=int)
 
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--paper-fold", action="store_true", help="also cross-validate the paper profile if time allows")
     p.add_argument("--cv-backbone-epochs", type=int, help="backbone epochs inside cross-validation")
+    p.add_argument("--variants", nargs="+", metavar="VARIANT",
+                   help="cross-validate only these variants, e.g. `full` (default: all ablations, in priority order)")
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("masks", help="clean the Segmented/ masks once into a compact cache")

@@ -32,6 +32,8 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     "full": ({}, {}),
     "no_stain_normalization": ({"stain_normalize": False}, {}),
     "no_clahe_multiscale": ({"enhance": False}, {}),
+    # the paper's CLAHE + multiscale put back, for a profile that runs without them (compact)
+    "with_clahe_multiscale": ({"enhance": True}, {}),
     "flat_background": ({"flatten_background": True}, {}),
     "clahe_cells_only": ({"clahe_cells_only": True}, {}),
     "no_segmentation": ({}, {"use_segmentation": False}),

@@ -60,7 +60,7 @@ async def classify_field(
     extra = {}
     if images:
         extra["images"] = await anyio.to_thread.run_sync(
-            field_images, prepared.original, prepared.preprocessed, output.mask[0], output.attention[0],
+            field_images, prepared.display, prepared.preprocessed, output.mask[0], output.attention[0],
             result.cells, limiter=state.cpu_limiter,
         )
     result.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)

@@ -103,6 +103,7 @@ def test_region_reads_match_the_image(tmp_path, slide_image, kind):
 
 
 def test_a_large_image_is_tiled_with_coordinates_and_background_tiles_are_skipped(tmp_path, slide_image, model):
+    assert model.field_size == S  # the shipped model's fields: the Taleqani fields' size
     path = tmp_path / "slide-7.tif"
     tifffile.imwrite(path, slide_image, photometric="rgb", compression="zlib", tile=(256, 256), bigtiff=True)
     specs = discover([path], DiscoveryOptions(tile_size=S))
@@ -117,7 +118,8 @@ def test_a_large_image_is_tiled_with_coordinates_and_background_tiles_are_skippe
             outcome = outcomes[(col * S, row * S)]
             if cell == "F":
                 assert outcome.status == OK, (row, col, outcome.error)
-                assert outcome.prepared.preprocessed.shape == (S, S, 3)
+                # a field in scanner pixels, fitted to what the networks see
+                assert outcome.prepared.preprocessed.shape == (model.image_size, model.image_size, 3)
             else:
                 assert outcome.status == SKIPPED and "background" in outcome.error, (row, col)
     # the white right margin's column overlaps blank cells only in row 1 (". ." at the end): skipped

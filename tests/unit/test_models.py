@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridcn.profiles import CLASS_NAMES, PROFILES, get_profile
+from hybridcn.profiles import CLASS_NAMES, PROFILES, Profile, get_profile
 from models import FeatureStage, HeadStage, create_model, list_models, segmentation_stage
 from models.stages import uint8_to_normalized
 from preprocessing.normalize import zscore
@@ -103,3 +103,12 @@ def test_profile_overrides_change_one_field_and_refuse_unknown_ones():
     for bad in ("segmentation.no_such_field=1", "segmentation=3", "input_scale", "segmentation.input_scale=0"):
         with pytest.raises(ValueError):
             compact.with_overrides([bad])
+
+
+def test_a_profile_separates_the_field_in_scanner_pixels_from_the_network_input():
+    compact = get_profile("compact")
+    assert (compact.field_size, compact.image_size, compact.features.input_size) == (224, 112, 112)
+    assert Profile.from_dict(compact.to_dict()) == compact
+    older = compact.to_dict()
+    del older["field_size"]  # manifests exported before the field existed were all 224 px fields
+    assert Profile.from_dict(older).field_size == 224

@@ -220,3 +220,21 @@ def test_crossvalidation_records_variants_and_resumes(tmp_path):
                       folds=2, max_folds=1, log=lambda message: None)
     probe = shortcut_probe(data, folds=2)
     assert set(probe) == {"background_colour", "scale_bar_corner", "chance_accuracy"}
+
+
+def test_a_study_plan_keeps_the_priority_order_and_only_the_chosen_variants(tmp_path):
+    from training.study import plan_study
+
+    options = TrainOptions(device="cpu")
+    compact, paper = get_profile("compact"), get_profile("paper")
+    plan = [(step.variants, step.split, step.max_folds) for step in plan_study(compact, options, tmp_path)]
+    assert plan[0] == (["full", "convnext_only", "nasnet_only", "no_mrmr", "mlp_head"], "block", 5)
+    # the preprocessing ablation switches CLAHE/multiscale away from what the profile does
+    assert plan[1] == (["with_clahe_multiscale"], "block", 5) and not compact.preprocess.enhance
+    assert plan_study(paper, options, tmp_path)[1].variants == ["no_clahe_multiscale"]
+    assert plan[-1] == (["full"], "random", 5)
+    assert plan_study(compact, options, tmp_path, paper_fold=True)[3].profile == paper
+    only_full = plan_study(compact, options, tmp_path, paper_fold=False, variants=["full"])
+    assert [(step.variants, step.split) for step in only_full] == [(["full"], "block"), (["full"], "random")]
+    with pytest.raises(ValueError, match="unknown variants"):
+        plan_study(compact, options, tmp_path, variants=["fulll"])
