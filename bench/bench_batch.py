@@ -63,7 +63,8 @@ def _features_loop(path: str, iterations: int) -> float:
     from export.runtime import onnx_session
 
     session = onnx_session(Path(path), threads=1)
-    feed = {"segmented_image": np.random.default_rng(0).standard_normal((8, 3, 224, 224), dtype=np.float32)}
+    channels, height, width = session.get_inputs()[0].shape[1:]  # the model's own input size
+    feed = {"segmented_image": np.random.default_rng(0).standard_normal((8, channels, height, width), dtype=np.float32)}
     session.run(None, feed)
     started = time.perf_counter()
     for _ in range(iterations):
