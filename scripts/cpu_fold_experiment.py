@@ -1,12 +1,15 @@
 """Compare study variants on one block fold on a CPU, at a reduced field size (a relative comparison).
 
     .venv/bin/python scripts/cpu_fold_experiment.py --data DATA --out runs/bgexp \\
-        --variants full flat_background --size 112 --backbone-epochs 10
+        --variants full with_clahe_multiscale --size 112 --backbone-epochs 10
 
 Trains each variant (names from ``training.experiments.ABLATIONS``) with the compact networks at
 ``--size`` px on block folds 1-4 of 5 and scores it on fold 0; the full model
 also gets the shortcut audit and the segmentation Dice. Results go to ``OUT/cv/cv_block.json`` and
-``OUT/log.txt`` as in ``hybridcn study`` (resumable). About 17 minutes per variant at 112 px on 2 cores.
+``OUT/log.txt`` as in ``hybridcn study`` (resumable). About 15 minutes per variant at 112 px on 2 cores.
+The compact profile itself runs at 112 px without CLAHE/multiscale since session 3; the experiments
+recorded in the model card ran on its earlier form (224 px profile sized down, CLAHE on), where
+``full`` meant what ``with_clahe_multiscale`` means now.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def main() -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--variants", nargs="+", default=["full"], choices=sorted(ABLATIONS))
-    parser.add_argument("--size", type=int, default=112, help="field size in px (the compact profile uses 224)")
+    parser.add_argument("--size", type=int, default=112, help="field size in px (the compact profile's own is 112)")
     parser.add_argument("--seg-epochs", type=int, default=4)
     parser.add_argument("--backbone-epochs", type=int, default=10)
     parser.add_argument("--head-epochs", type=int, default=40)
