@@ -3,7 +3,8 @@
     .venv/bin/python scripts/segmentation_scale_experiment.py --data DATA --epochs 4 > segscale.json
 
 Phase 2 only, ``--size`` px fields (224 reproduces the numbers in ``SegmentationConfig``), trained on
-block folds 1-4 of 5 with the same schedule for every scale, scored on fold 0's cleaned masks (Dice/IoU), with the training time. About 10 minutes on 2 cores.
+block folds 1-4 of 5 with the same schedule for every scale, scored on fold 0's cleaned masks (Dice/IoU),
+with the training time. About 10 minutes on 2 cores.
 """
 
 from __future__ import annotations
