@@ -139,7 +139,7 @@ def test_a_queue_of_slides_with_bad_files_among_good_ones(triton_server, queue, 
 
 def test_a_large_slide_image_is_tiled_and_background_skipped(triton_server, model, tmp_path):
     layout = ["F.F", ".F.", "FF."]
-    size = model.image_size
+    size = model.field_size  # slides are tiled in fields of scanner pixels
     image = np.full((3 * size, 3 * size, 3), 255, np.uint8)
     seed = 100
     for row, line in enumerate(layout):

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from export.runtime import onnx_session
-from gateway.service import ServedModel
+from gateway.service import ServedModel, prepare_array
 from hybridcn.synth import synth_field
 from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
-from preprocessing import enhance_field
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -26,8 +25,7 @@ def _run_shipped_model(flush_denormals: bool, fields: np.ndarray) -> list[np.nda
 
 def test_flushing_subnormals_leaves_the_shipped_model_outputs_unchanged():
     model = ServedModel.from_repository(REPOSITORY)
-    fields = np.stack([enhance_field(synth_field(i % 4, seed=300 + i).image, model.reference, model.preprocess)
-                       for i in range(4)])
+    fields = np.stack([prepare_array(synth_field(i % 4, seed=300 + i).image, model).preprocessed for i in range(4)])
     exact = _run_shipped_model(False, fields)
     flushed = _run_shipped_model(True, fields)
     for name, a, b in zip(["mask", "attention", "features", "probabilities", "feature_attention"], exact, flushed,
