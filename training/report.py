@@ -124,6 +124,10 @@ def final_training_seconds(log_path: Path) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def _on_off(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("on" if flag else "off")
+
+
 def _clean(value):
     """JSON-safe copy: NaN becomes null, numpy scalars become Python numbers."""
     if isinstance(value, dict):
@@ -258,7 +262,9 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
         md.append(f"Final model: profile `{profile.get('name')}`, {options.get('seg_epochs')} segmentation"
                   f" / {options.get('backbone_epochs')} backbone / {options.get('head_epochs')} head epochs, "
                   f"batch {options.get('batch_size')}, lr {options.get('lr')}, label smoothing "
-                  f"{options.get('label_smoothing')}, seed {options.get('seed')}.")
+                  f"{options.get('label_smoothing')}, seed {options.get('seed')}; {profile.get('image_size')} px "
+                  f"network input, CLAHE/multiscale {_on_off(profile.get('preprocess', {}).get('enhance'))}; "
+                  f"trained on `{options.get('device')}`.")
         md.append("")
 
     # 1. out-of-fold metrics
