@@ -7,7 +7,8 @@ Paths (images/s, end to end from encoded PNG bytes to probabilities unless noted
 - ``triton_grpc``: preprocessed uint8 fields straight to the embedded Triton, single-field requests with
   several in flight (Triton's dynamic batcher forms the batches); inference only, no decode/preprocess;
 - ``gateway_http``: PNG uploads to the gateway (a separate process) with several concurrent clients.
-Ratios are taken within this run. Usage: ``python bench/bench_serving.py [--images 64] [--clients 8]``.
+Ratios are taken within this run. Usage:
+``python bench/bench_serving.py [--images 64] [--clients 8] [--checkpoint runs/RUN/final/model.pt]``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from gateway.triton_launcher import EmbeddedTriton, free_port  # noqa: E402
 from hybridcn.synth import synth_field  # noqa: E402
 
 REPOSITORY = ROOT / "model_repository"
-TRAINED = ROOT / "runs" / "study" / "final" / "model.pt"
 
 
 def encoded_fields(count: int) -> list[bytes]:
@@ -51,25 +51,29 @@ def rate(count: int, seconds: float) -> float:
     return round(count / seconds, 2)
 
 
-def bench_naive_eager(payloads: list[bytes], model: ServedModel) -> dict:
+def bench_naive_eager(payloads: list[bytes], model: ServedModel, checkpoint: Path | None) -> dict:
+    """``checkpoint``: the shipped model's ``model.pt`` (its profile must match the repository's); without
+    one, fresh weights of the same architecture and sizes."""
     import torch
 
     from hybridcn.profiles import Profile
     from models import FeatureStage, HeadStage, create_model, segmentation_stage
 
     torch.set_num_threads(os.cpu_count() or 1)
-    if TRAINED.exists():
+    profile = Profile.from_dict(model.manifest["profile"])
+    if checkpoint is not None:
         from training.pipeline import load_trained
 
-        trained = load_trained(TRAINED)
+        trained = load_trained(checkpoint)
+        if trained.profile != profile:
+            raise SystemExit(f"{checkpoint} is not the shipped model's profile; pass that run's model.pt")
         stages = (trained.segmentation, trained.features, trained.head)
-        weights = "trained checkpoint"
-    else:  # same architecture and sizes; weights do not change the speed
-        profile = Profile.from_dict(model.manifest["profile"])
+        weights = f"trained checkpoint {checkpoint}"
+    else:
         features = create_model("hybrid_features", profile)
         stages = (segmentation_stage(profile), FeatureStage(features),
                   HeadStage(create_model("mhsa_head", profile, num_features=features.num_features)))
-        weights = "fresh weights, same architecture (checkpoint not present)"
+        weights = "fresh weights, same architecture (no --checkpoint)"
     segmentation, feature_stage, head = (s.eval() for s in stages)
     with torch.inference_mode():
         def one(data: bytes) -> None:
@@ -150,6 +154,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--checkpoint", type=Path, help="the shipped model's model.pt, for the eager PyTorch loop")
     args = parser.parse_args()
     model = ServedModel.from_repository(REPOSITORY)
     payloads = encoded_fields(args.images)
@@ -158,7 +163,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "processor": platform.machine()},
         "model_version": model.model_version, "images": args.images,
     }
-    results["naive_eager_pytorch"] = bench_naive_eager(payloads, model)
+    results["naive_eager_pytorch"] = bench_naive_eager(payloads, model, args.checkpoint)
     results["in_process_onnxruntime"] = bench_in_process(payloads, model, args.batch)
     with EmbeddedTriton(REPOSITORY) as triton:
         results["triton_grpc"] = bench_triton(triton.grpc_url, fields, inflight=args.clients)
