@@ -3,7 +3,7 @@
 Reads what :mod:`training.study` wrote (``cv/cv_block.json``, optional ``cv/cv_random.json`` and
 ``cv_paper/cv_block.json``, ``shortcuts.json``, ``final/config.json``, ``log.txt``), writes
 ``results.md`` and PNG plots into the docs folder and ``final/calibration.json`` for the exporter.
-Folds cut short by the GPU budget are skipped and the report says which folds it used.
+Folds cut short by the time budget are skipped and the report says which folds it used.
 """
 
 from __future__ import annotations
@@ -122,6 +122,19 @@ def final_training_seconds(log_path: Path) -> float | None:
         return None
     match = re.search(r"phase 4 done at ([0-9.]+)s", log_path.read_text())
     return float(match.group(1)) if match else None
+
+
+def _cv_vs_final(cv_path: Path, final_config_path: Path) -> str:
+    """How the CV models' training differed from the final model's (what the temperature transfers across)."""
+    cv_options = json.loads(cv_path.read_text()).get("setup", {}).get("options", {})
+    final_options = (json.loads(final_config_path.read_text()).get("options", {})
+                     if final_config_path.exists() else {})
+    cv_epochs, final_epochs = cv_options.get("backbone_epochs"), final_options.get("backbone_epochs")
+    if cv_epochs is None or final_epochs is None:
+        return "trained on a fifth less data than the shipped model"
+    if cv_epochs == final_epochs:
+        return f"trained the same {cv_epochs} backbone epochs as the shipped model but on a fifth less data"
+    return f"trained {cv_epochs} backbone epochs (the shipped model {final_epochs}) on a fifth less data"
 
 
 def _on_off(flag: bool | None) -> str:
@@ -253,7 +266,7 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
 
     md: list[str] = [f"# Study results: `{study_dir.name}`", ""]
     md.append("Written by `hybridcn report`. All numbers are computed from the stored out-of-fold (OOF) "
-              "logits; a fold the GPU budget did not finish is left out, never filled in.")
+              "logits; a fold the time budget did not finish is left out, never filled in.")
     md.append("")
     config_path = study_dir / "final" / "config.json"
     if config_path.exists():
@@ -309,8 +322,8 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
     md += ["## 2. Calibration and the review threshold", ""]
     md.append(f"Temperature scaling (Guo et al. 2017) fitted on the OOF logits of the full model "
               f"({len(labels)} fields): T = {temperature:.3f}. It is fitted and scored on the same OOF data, "
-              "and the CV models trained fewer backbone epochs than the shipped model, so it is a proxy for "
-              "the shipped model's temperature.")
+              f"and the CV models {_cv_vs_final(block_path, config_path)}, so it is a proxy for the shipped "
+              "model's temperature.")
     md.append("")
     rows = [["ECE (15 bins), uncalibrated", _num(ece_before)], ["ECE (15 bins), T applied", _num(ece_after)],
             [f"Review threshold (auto-accept precision ≥ {TARGET_PRECISION})", _num(review["threshold"])],
