@@ -19,6 +19,7 @@ class FieldImages(BaseModel):
     mask: str
     attention: str
     cells: list[str]
+    preprocessing: list[str] = Field(default_factory=list, description="the phase-1 steps behind `preprocessed`")
 
 
 class Classification(BaseModel):

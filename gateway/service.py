@@ -123,7 +123,7 @@ def interpret(prepared: PreparedField, output: EnsembleOutput, model: ServedMode
     scale = model.field_size / model.image_size  # cells are reported in field pixels
     reasons = []
     if confidence < model.review_threshold:
-        reasons.append(f"confidence {confidence:.3f} below review threshold {model.review_threshold:.3f}")
+        reasons.append(f"confidence {confidence:.4f} below review threshold {model.review_threshold:.4f}")
     reasons += [f"field QC: {flag}" for flag in prepared.qc.flags]
     if not cells:
         reasons.append("no cells segmented")

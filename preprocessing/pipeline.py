@@ -59,6 +59,13 @@ class PreprocessConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def steps(self) -> list[str]:
+        """The phase-1 steps this configuration runs, in order, named for people (the web page's caption)."""
+        named = [(self.blank_corner, "scale bar blanked"), (self.stain_normalize, "Reinhard"),
+                 (self.flatten_background, "background flattened"), (self.enhance, "CLAHE"),
+                 (self.enhance, "multiscale")]
+        return [name for enabled, name in named if enabled]
+
 
 def fit_field(rgb: np.ndarray, size: int, *, max_aspect_ratio: float = 4.0) -> np.ndarray:
     """Resize a field to ``size`` x ``size``: scale the short side to ``size``, centre-crop the long one.

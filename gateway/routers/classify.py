@@ -63,6 +63,7 @@ async def classify_field(
             field_images, prepared.display, prepared.preprocessed, output.mask[0], output.attention[0],
             result.cells, limiter=state.cpu_limiter,
         )
+        extra["images"]["preprocessing"] = state.model.preprocess.steps()
     result.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
     metrics = state.metrics
     metrics.requests.labels("ok").inc()

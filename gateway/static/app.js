@@ -134,7 +134,7 @@
 
   function humanReason(reason) {
     let m = /^confidence ([\d.]+) below review threshold ([\d.]+)/.exec(reason);
-    if (m) return `Confidence ${pct(+m[1])} is below the review threshold of ${pct(+m[2])}.`;
+    if (m) return `Confidence ${pct(+m[1], 2)} is below the review threshold of ${pct(+m[2], 2)}.`;
     m = /^field QC: (\w+)/.exec(reason);
     if (m) {
       const qc = { blurred: "the field looks blurred", empty: "the field looks empty (little stained material)",
@@ -348,8 +348,8 @@
           caption),
         h("figure", { class: "figure" },
           h("div", { class: "stage" },
-            h("img", { class: "base", src: images.preprocessed || "", alt: `Stain-normalised field ${name}`, width: 224, height: 224 })),
-          h("figcaption", {}, "Stain-normalised (Reinhard, CLAHE)"))),
+            h("img", { class: "base", src: images.preprocessed || "", alt: `Preprocessed field ${name}`, width: 224, height: 224 })),
+          h("figcaption", {}, `Preprocessed (${(images.preprocessing || []).join(", ") || "as served"})`))),
       h("div", { class: "overlay-controls" },
         h("fieldset", { class: "segmented" }, h("legend", { class: "control-label", text: "Overlay" }), radios),
         h("div", { class: "opacity-control" },
@@ -372,7 +372,7 @@
     const threshold = typeof result.review_threshold === "number" ? result.review_threshold : null;
     const confidence = h("p", { class: "confidence-line" },
       h("span", { class: "muted" }, "Confidence "), h("strong", { text: pct(result.confidence) }),
-      threshold !== null ? h("span", { class: "muted" }, ` · review below ${pct(threshold)}`) : null);
+      threshold !== null ? h("span", { class: "muted" }, ` · review below ${pct(threshold, 2)}`) : null);
 
     const crops = images.cells || [];
     const count = result.cell_count ?? 0;

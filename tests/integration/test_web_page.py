@@ -114,6 +114,11 @@ def test_page_classifies_a_field_and_switches_overlays(browsing, gateway, field_
     expect(card.locator(".cell-count strong")).to_have_text(str(api["cell_count"]))
     expect(card.locator(".cells img")).to_have_count(min(api["cell_count"], 12))
     expect(card.locator(".card-foot")).to_contain_text(api["model_version"])
+    # the caption names the steps the served model runs (the shipped compact model: no CLAHE)
+    with_images = httpx.post(f"{gateway.url}/v1/classify?images=true",
+                             files={"file": ("field-0.png", field_png.read_bytes())}, timeout=60).json()
+    steps = ", ".join(with_images["images"]["preprocessing"])
+    expect(card.locator("figcaption", has_text="Preprocessed")).to_have_text(f"Preprocessed ({steps})")
     expect(page.locator("#announcer")).to_contain_text(CLASS_NAMES[api["label"]])
     assert page.locator("img:not([alt]), img[alt='']").count() == 0
 

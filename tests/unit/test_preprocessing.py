@@ -319,3 +319,10 @@ def test_clahe_over_cells_only_ignores_the_background_and_keeps_it():
     assert np.abs(a[~cells].astype(int) - field[~cells].astype(int)).max() <= 2  # background left as it was
     plain_a, plain_b = clahe_lightness(field), clahe_lightness(flat)
     assert np.abs(plain_a[cells].astype(int) - plain_b[cells].astype(int)).mean() > 1.0  # what it fixes
+
+
+def test_the_preprocessing_steps_are_named_in_the_order_they_run():
+    from preprocessing.pipeline import PreprocessConfig
+
+    assert PreprocessConfig().steps() == ["scale bar blanked", "Reinhard", "CLAHE", "multiscale"]
+    assert PreprocessConfig(enhance=False, blank_corner=False).steps() == ["Reinhard"]
