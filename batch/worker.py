@@ -16,8 +16,8 @@ import numpy as np
 from batch.inputs import open_region_reader
 from batch.ledger import FAILED, SKIPPED, TILE, FieldSpec
 from batch.reports import THUMBNAIL
-from gateway.service import PreparedField, ServedModel, prepare_array, prepare_bytes
-from preprocessing import InvalidImageError, field_qc, fit_field
+from gateway.service import PreparedField, ServedModel, prepare_bytes, prepare_tile
+from preprocessing import InvalidImageError
 
 OK = "ok"
 
@@ -66,11 +66,7 @@ def prepare_spec(spec: FieldSpec, model: ServedModel, readers: ReaderCache) -> P
         except OSError as error:
             raise InvalidImageError("unreadable", f"cannot read {spec.source}: {error.strerror or error}") from error
         return prepare_bytes(data, model)
-    rgb = read_tile(spec, readers)
-    fitted = fit_field(rgb, model.image_size, max_aspect_ratio=model.preprocess.max_aspect_ratio)
-    if field_qc(fitted).empty:
-        return None
-    return prepare_array(rgb, model)
+    return prepare_tile(read_tile(spec, readers), model)
 
 
 def describe_error(error: BaseException) -> str:

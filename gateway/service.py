@@ -14,6 +14,7 @@ import numpy as np
 
 from export.repository import read_manifest
 from export.runtime import EnsembleOutput
+from hybridcn.profiles import Profile
 from preprocessing import (
     FieldQC,
     PreprocessConfig,
@@ -47,7 +48,7 @@ class ServedModel:
             model_version=manifest["model_version"],
             classes=tuple(profile["classes"]),
             image_size=int(profile["image_size"]),
-            field_size=int(profile.get("field_size", 224)),
+            field_size=Profile.from_dict(profile).field_size,  # the profile knows older manifests' default
             reference=StainReference.from_dict(manifest["stain_reference"]),
             preprocess=PreprocessConfig.from_dict(profile["preprocess"]),
             review_threshold=float(review_threshold if review_threshold is not None else manifest["review_threshold"]),
@@ -93,13 +94,24 @@ def _ms(start: float) -> float:
 
 def prepare_array(rgb: np.ndarray, model: ServedModel) -> PreparedField:
     """Fit, QC and preprocess an already decoded RGB field."""
-    start = time.perf_counter()
+    started = time.perf_counter()
     original = fit_field(rgb, model.image_size, max_aspect_ratio=model.preprocess.max_aspect_ratio)
+    return _finish(rgb, original, field_qc(original), model, started)
+
+
+def prepare_tile(rgb: np.ndarray, model: ServedModel) -> PreparedField | None:
+    """:func:`prepare_array` for a slide tile; ``None``, with no preprocessing spent, when the QC finds it empty."""
+    started = time.perf_counter()
+    original = fit_field(rgb, model.image_size, max_aspect_ratio=model.preprocess.max_aspect_ratio)
+    qc = field_qc(original)
+    return None if qc.empty else _finish(rgb, original, qc, model, started)
+
+
+def _finish(rgb: np.ndarray, original: np.ndarray, qc: FieldQC, model: ServedModel, started: float) -> PreparedField:
     display = original if model.field_size == model.image_size else fit_field(
         rgb, model.field_size, max_aspect_ratio=model.preprocess.max_aspect_ratio)
-    qc = field_qc(original)
     preprocessed = enhance_field(original, model.reference, model.preprocess)
-    return PreparedField(original, display, preprocessed, qc, rgb.shape[:2], {"preprocess": _ms(start)})
+    return PreparedField(original, display, preprocessed, qc, rgb.shape[:2], {"preprocess": _ms(started)})
 
 
 def prepare_bytes(data: bytes, model: ServedModel) -> PreparedField:
