@@ -121,37 +121,46 @@ def content_digest(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def block_folds(samples: list[Sample], *, folds: int = 5, block: int = 40, seed: int = 0) -> np.ndarray:
-    """Fold index per sample: blocks of ``block`` consecutive file numbers per class stand in for patients.
+def block_groups(samples: list[Sample], *, block: int = 40) -> np.ndarray:
+    """Patient stand-in per sample: blocks of ``block`` consecutive file numbers within a class.
 
-    Byte-identical twins are kept in one block (their blocks are merged), blocks are shuffled per
-    class with ``seed`` and dealt round-robin, so every class is spread over all folds.
+    Byte-identical twins are kept in one group (their blocks are merged). Ids are unique across classes
+    (``label * 1_000_000 + first block number``); they are the unit of folds and of paired tests.
     """
-    rng = np.random.default_rng(seed)
-    assignment = np.full(len(samples), -1, dtype=np.int64)
+    groups = np.full(len(samples), -1, dtype=np.int64)
     digests = [content_digest(s.path) for s in samples]
     for label in sorted({s.label for s in samples}):
         indices = [i for i, s in enumerate(samples) if s.label == label]
         parent = {i: (samples[i].number - 1) // block for i in indices}
-        groups: dict[int, set[int]] = {}
-        for i in indices:
-            groups.setdefault(parent[i], set()).add(parent[i])
-        by_digest: dict[str, int] = {}
-        union = {b: b for b in groups}
+        union = {b: b for b in parent.values()}
 
         def find(b: int, union: dict[int, int] = union) -> int:
             while union[b] != b:
                 b = union[b]
             return b
 
+        by_digest: dict[str, int] = {}
         for i in indices:
             seen = by_digest.setdefault(digests[i], parent[i])
             union[find(parent[i])] = find(seen)
-        roots = sorted({find(b) for b in groups})
-        order = rng.permutation(len(roots))
-        fold_of_root = {roots[j]: rank % folds for rank, j in enumerate(order)}
         for i in indices:
-            assignment[i] = fold_of_root[find(parent[i])]
+            groups[i] = label * 1_000_000 + find(parent[i])
+    return groups
+
+
+def block_folds(samples: list[Sample], *, folds: int = 5, block: int = 40, seed: int = 0) -> np.ndarray:
+    """Fold index per sample: the :func:`block_groups` of each class shuffled with ``seed`` and dealt
+    round-robin, so every class is spread over all folds and no group is split."""
+    rng = np.random.default_rng(seed)
+    groups = block_groups(samples, block=block)
+    assignment = np.full(len(samples), -1, dtype=np.int64)
+    labels = np.array([s.label for s in samples])
+    for label in sorted(set(labels.tolist())):
+        roots = np.unique(groups[labels == label])
+        order = rng.permutation(len(roots))
+        fold_of_root = {int(roots[j]): rank % folds for rank, j in enumerate(order)}
+        for i in np.nonzero(labels == label)[0]:
+            assignment[i] = fold_of_root[int(groups[i])]
     return assignment
 
 

@@ -21,9 +21,9 @@ from sklearn.preprocessing import StandardScaler
 from hybridcn.profiles import Profile
 from preprocessing import fit_field
 from preprocessing.stain import corner_box, foreground_mask
-from training.data import Sample, block_folds, clean_mask, find_samples, random_folds, read_rgb
+from training.data import Sample, block_folds, block_groups, clean_mask, find_samples, random_folds, read_rgb
 from training.metrics import classification_metrics
-from training.pipeline import TrainedModel, TrainOptions, dice_iou, fit_pipeline, predict
+from training.pipeline import TrainedModel, TrainOptions, dice_iou, fit_pipeline, load_trained, predict
 
 Log = Callable[[str], None]
 
@@ -133,6 +133,8 @@ def crossvalidate(
     assignment = block_folds(data.samples, folds=folds) if split == "block" else random_folds(data.samples, folds=folds)
     results["assignment"] = assignment.tolist()
     results["labels"] = data.labels.tolist()
+    results["groups"] = block_groups(data.samples).tolist()  # the unit of the report's block-level paired tests
+    _save_json(results_path, results)
     for fold in range(max_folds or folds):
         fold_key = str(fold)
         fold_results = results["folds"].setdefault(fold_key, {})
@@ -152,8 +154,8 @@ def crossvalidate(
             reuse = None
             if variant in HEAD_ONLY:
                 if full_model is None:
-                    log(f"skip {variant} on fold {fold}: full model of this fold not trained in this process")
-                    continue
+                    full_model = _fold_full_model(data, profile, options, out_dir, split, fold, train, test,
+                                                  fold_results, log)
                 reuse = full_model
             started = time.time()
             log(f"[{split} fold {fold}] training {variant}")
@@ -167,6 +169,7 @@ def crossvalidate(
                 entry["shortcut_robustness"] = background_swap_accuracy(model, data, test, variant_options)
             if variant == "full":
                 full_model = model
+                _save_model(model, full_checkpoint(out_dir, split, fold))
                 test_masks = data.masks[test]
                 ok = data.mask_ok[test]
                 if ok.any():
@@ -178,6 +181,43 @@ def crossvalidate(
                 f"auc {metrics['macro_auc']:.4f} ({time.time() - started:.0f}s)")
             _save_json(results_path, results)
     return results
+
+
+def full_checkpoint(out_dir: Path, split: str, fold: int) -> Path:
+    """Where :func:`crossvalidate` keeps a fold's full model, so head-only ablations can be added later."""
+    return out_dir / "models" / f"{split}_fold{fold}_full.pt"
+
+
+def _save_model(model: TrainedModel, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dicts(), tmp)
+    tmp.replace(path)
+
+
+def _fold_full_model(data: Dataset, profile: Profile, options: TrainOptions, out_dir: Path, split: str, fold: int,
+                     train: np.ndarray, test: np.ndarray, fold_results: dict, log: Log) -> TrainedModel:
+    """The fold's full model for the head-only ablations: its checkpoint, or retrained with the same seed.
+
+    A retrained model should reproduce the stored full entry (same seed, data and code); its held-out
+    accuracy is recorded next to the stored one so a drift (other hardware, other library versions) shows.
+    """
+    path = full_checkpoint(out_dir, split, fold)
+    if path.exists():
+        log(f"[{split} fold {fold}] full model from {path}")
+        return load_trained(path, options.device)
+    log(f"[{split} fold {fold}] retraining full (same seed) for the head-only ablations")
+    full_profile, full_options = variant_setup(profile, options, "full")
+    model = fit_pipeline(data.images[train], data.masks[train], data.mask_ok[train], data.labels[train],
+                         full_profile, full_options, log)
+    _save_model(model, path)
+    if "full" in fold_results:
+        predicted = predict(model, data.images[test], full_options)["probabilities"].argmax(1)
+        accuracy = float((predicted == data.labels[test]).mean())
+        fold_results["full"]["retrained_accuracy"] = accuracy
+        log(f"[{split} fold {fold}] retrained full: acc {accuracy:.4f} "
+            f"(stored {fold_results['full']['metrics']['accuracy']:.4f})")
+    return model
 
 
 def background_swap_accuracy(model: TrainedModel, data: Dataset, test: np.ndarray, options: TrainOptions) -> dict:

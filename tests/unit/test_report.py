@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.report import crossfit_calibration, final_training_seconds, pool, write_report
+from training.report import (
+    FoldResult,
+    block_paired_test,
+    crossfit_calibration,
+    final_training_seconds,
+    pool,
+    write_report,
+)
 from training.stats import format_pvalue, paired_tests, wilcoxon_min_pvalue
 
 N_FIELDS = 200
@@ -41,7 +48,8 @@ def _cv(rng: np.random.Generator, labels: np.ndarray, assignment: np.ndarray,
                                                 "background_replaced": 0.7}
                 entry["segmentation"] = {"dice": 0.85, "iou": 0.74, "n": len(index)}
             folds.setdefault(str(fold), {})[variant] = entry
-    return {"split": "block", "assignment": assignment.tolist(), "labels": labels.tolist(), "folds": folds}
+    return {"split": "block", "assignment": assignment.tolist(), "labels": labels.tolist(), "folds": folds,
+            "groups": (np.arange(len(labels)) // 5).tolist()}
 
 
 def _study(tmp_path: Path, *, extras: bool = True, random_split: bool = False) -> Path:
@@ -92,6 +100,8 @@ def test_write_report_writes_tables_plots_and_calibration(tmp_path: Path) -> Non
     assert "n/a (1 paired fold)" in results  # no_mrmr has fold 0 only: no p-value invented
     assert "smallest reachable p with 2 pairs is 0.5" in results  # mlp_head pairs on folds 0 and 1
     assert "Not run (no `cv/cv_random.json`)" in results
+    assert "### Paired over blocks" in results
+    assert "| mlp_head | 0, 1 | 16 |" in results  # two folds of 40 fields, blocks of 5
     assert "| 0 | 40 | 0.8500 | 0.7400 |" in results
     assert "210 s" in results or "211 s" in results
 
@@ -194,3 +204,30 @@ def test_wilcoxon_floor_and_pvalue_format() -> None:
     assert format_pvalue(0.0304663) == "0.0305"
     assert format_pvalue(1e-7) == "<1e-4"
     assert format_pvalue(0.5, "floor 0.5") == "0.5 (floor 0.5)"
+
+
+def _fold(fold: int, index: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> FoldResult:
+    logits = np.eye(4)[predicted] * 5.0
+    return FoldResult(fold, index, labels, logits, {}, {})
+
+
+def test_block_paired_test_pairs_blocks_of_the_shared_folds() -> None:
+    labels = np.arange(80) % 4
+    groups = np.arange(80) // 4  # 20 blocks of 4 fields
+    index = [np.arange(40), np.arange(40, 80)]
+    wrong = (labels + 1) % 4
+    # the full model is right everywhere; the variant misses the first field of every block of fold 0
+    variant_pred = labels.copy()
+    variant_pred[0:40:4] = wrong[0:40:4]
+    full = {f: _fold(f, index[f], labels[index[f]], labels[index[f]]) for f in (0, 1)}
+    variant = {0: _fold(0, index[0], labels[index[0]], variant_pred[index[0]])}
+
+    comparison = block_paired_test(variant, full, groups)
+
+    assert comparison.folds == [0] and comparison.blocks == 10
+    assert comparison.variant_accuracy == 0.75 and comparison.full_accuracy == 1.0
+    assert comparison.test.n == 10 and comparison.test.mean_difference == -0.25
+    assert comparison.test.wilcoxon_pvalue < 0.01  # ten blocks all worse: significant, unlike 1 fold
+    assert block_paired_test({}, full, groups) is None
+    with pytest.raises(ValueError, match="different fields"):
+        block_paired_test({0: _fold(0, index[1], labels[index[1]], labels[index[1]])}, full, groups)

@@ -215,6 +215,18 @@ def test_crossvalidation_records_variants_and_resumes(tmp_path):
     again = crossvalidate(data, get_profile("tiny"), options, out, variants=["full", "mlp_head"], folds=2,
                           max_folds=1, log=lambda message: pytest.fail(f"should not retrain: {message}"))
     assert again["folds"]["0"]["full"]["logits"] == fold["full"]["logits"]
+    # a head-only ablation added later starts from the fold's stored full model ...
+    messages: list[str] = []
+    crossvalidate(data, get_profile("tiny"), options, out, variants=["full", "no_mrmr"], folds=2, max_folds=1,
+                  log=messages.append)
+    assert any("full model from" in m for m in messages) and not any("phase 2" in m for m in messages)
+    # ... or, without one, from the full model retrained with the same seed, which reproduces the stored one
+    from training.experiments import full_checkpoint
+    full_checkpoint(out, "block", 0).unlink()
+    redone = crossvalidate(data, get_profile("tiny"), options, out, variants=["full", "nasnet_only"], folds=2,
+                           max_folds=1, log=lambda message: None)
+    assert redone["folds"]["0"]["full"]["retrained_accuracy"] == fold["full"]["metrics"]["accuracy"]
+    assert set(redone["folds"]["0"]) == {"full", "mlp_head", "no_mrmr", "nasnet_only"}
     with pytest.raises(ValueError, match="another profile or options"):
         crossvalidate(data, get_profile("tiny"), replace(options, backbone_epochs=2), out, variants=["full"],
                       folds=2, max_folds=1, log=lambda message: None)
