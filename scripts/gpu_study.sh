@@ -17,5 +17,6 @@ timeout $(( ${minutes%.*} * 60 + 75 )) python3 -m hybridcn.cli study --data "$da
   --profile compact --minutes "$minutes" "$@"
 echo "study exit $?"
 rm -f /tmp/study/final/backbones.ckpt
-tar -C /tmp -cf - study | split -b 15M - "$out/study.tar."
+# the per-fold full models (tens of MB each) stay behind: only results, logs and the final model come back
+tar -C /tmp --exclude='study/cv*/models' -cf - study | split -b 15M - "$out/study.tar."
 ls -la "$out"
