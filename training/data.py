@@ -148,11 +148,13 @@ def block_groups(samples: list[Sample], *, block: int = 40) -> np.ndarray:
     return groups
 
 
-def block_folds(samples: list[Sample], *, folds: int = 5, block: int = 40, seed: int = 0) -> np.ndarray:
+def block_folds(samples: list[Sample], *, folds: int = 5, block: int = 40, seed: int = 0,
+                groups: np.ndarray | None = None) -> np.ndarray:
     """Fold index per sample: the :func:`block_groups` of each class shuffled with ``seed`` and dealt
-    round-robin, so every class is spread over all folds and no group is split."""
+    round-robin, so every class is spread over all folds and no group is split. Pass ``groups`` when
+    already computed (it hashes every file)."""
     rng = np.random.default_rng(seed)
-    groups = block_groups(samples, block=block)
+    groups = block_groups(samples, block=block) if groups is None else groups
     assignment = np.full(len(samples), -1, dtype=np.int64)
     labels = np.array([s.label for s in samples])
     for label in sorted(set(labels.tolist())):

@@ -130,10 +130,12 @@ def crossvalidate(
     if results.setdefault("setup", setup) != setup:
         raise ValueError(f"{results_path} holds folds trained with another profile or options; "
                          "resume with the same ones or write to another folder")
-    assignment = block_folds(data.samples, folds=folds) if split == "block" else random_folds(data.samples, folds=folds)
+    groups = block_groups(data.samples)  # also the unit of the report's block-level paired tests
+    assignment = (block_folds(data.samples, folds=folds, groups=groups) if split == "block"
+                  else random_folds(data.samples, folds=folds))
     results["assignment"] = assignment.tolist()
     results["labels"] = data.labels.tolist()
-    results["groups"] = block_groups(data.samples).tolist()  # the unit of the report's block-level paired tests
+    results["groups"] = groups.tolist()
     _save_json(results_path, results)
     for fold in range(max_folds or folds):
         fold_key = str(fold)
