@@ -4,7 +4,7 @@
         --variants full with_clahe_multiscale --size 112 --backbone-epochs 10
 
 Trains each variant (names from ``training.experiments.ABLATIONS``) with the compact networks at
-``--size`` px on block folds 1-4 of 5 and scores it on fold 0; the full model
+``--size`` px on the other block folds and scores it on ``--fold`` (default 0); the full model
 also gets the shortcut audit and the segmentation Dice. Results go to ``OUT/cv/cv_block.json`` and
 ``OUT/log.txt`` as in ``hybridcn study`` (resumable). About 15 minutes per variant at 112 px on 2 cores.
 The compact profile itself runs at 112 px without CLAHE/multiscale since session 3; the experiments
@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument("--seg-epochs", type=int, default=4)
     parser.add_argument("--backbone-epochs", type=int, default=10)
     parser.add_argument("--head-epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--fold", type=int, default=0, help="the held-out block fold (0-4)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -47,9 +49,10 @@ def main() -> int:
     profile = compact.with_changes(image_size=args.size, features=replace(compact.features, input_size=args.size))
     data = load_dataset(args.data, args.size, log=log)
     options = TrainOptions(seg_epochs=args.seg_epochs, backbone_epochs=args.backbone_epochs,
-                           head_epochs=args.head_epochs, batch_size=64, feature_views=1, seed=args.seed, device="cpu",
-                           progress=False)
-    crossvalidate(data, profile, options, out / "cv", variants=args.variants, folds=5, max_folds=1, log=log)
+                           head_epochs=args.head_epochs, batch_size=args.batch_size, feature_views=1, seed=args.seed,
+                           device="cpu", progress=False)
+    crossvalidate(data, profile, options, out / "cv", variants=args.variants, folds=5,
+                  fold_order=[args.fold], log=log)
     return 0
 
 

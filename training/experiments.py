@@ -118,9 +118,13 @@ def _save_json(path: Path, data: dict) -> None:
 def crossvalidate(
     data: Dataset, profile: Profile, options: TrainOptions, out_dir: Path, *, variants: list[str],
     folds: int = 5, split: str = "block", deadline: float | None = None, log: Log = print,
-    max_folds: int | None = None,
+    max_folds: int | None = None, fold_order: list[int] | None = None,
 ) -> dict:
-    """Out-of-fold predictions and per-fold metrics of every variant; resumable from ``out_dir/cv.json``."""
+    """Out-of-fold predictions and per-fold metrics of every variant; resumable from ``out_dir/cv.json``.
+
+    Folds run in ``fold_order`` (default ``0..folds-1``), the first ``max_folds`` of it: a recipe
+    trial can start on its hardest fold, and a later call with the same setup fills in the rest.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"cv_{split}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"split": split, "folds": {}}
@@ -137,7 +141,10 @@ def crossvalidate(
     results["labels"] = data.labels.tolist()
     results["groups"] = groups.tolist()
     _save_json(results_path, results)
-    for fold in range(max_folds or folds):
+    order = list(range(folds)) if fold_order is None else list(fold_order)
+    if sorted(set(order)) != sorted(order) or not set(order) <= set(range(folds)):
+        raise ValueError(f"fold_order must list distinct folds out of 0..{folds - 1}, got {order}")
+    for fold in order[: max_folds or len(order)]:
         fold_key = str(fold)
         fold_results = results["folds"].setdefault(fold_key, {})
         train = assignment != fold

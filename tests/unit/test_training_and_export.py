@@ -230,6 +230,13 @@ def test_crossvalidation_records_variants_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="another profile or options"):
         crossvalidate(data, get_profile("tiny"), replace(options, backbone_epochs=2), out, variants=["full"],
                       folds=2, max_folds=1, log=lambda message: None)
+    # a recipe trial can start on another fold; only that one is trained
+    second = crossvalidate(data, get_profile("tiny"), options, out, variants=["full"], folds=2, fold_order=[1],
+                           log=lambda message: None)
+    assert second["folds"]["1"]["full"]["metrics"]["n"] == 160 and "mlp_head" not in second["folds"]["1"]
+    with pytest.raises(ValueError, match="distinct folds"):
+        crossvalidate(data, get_profile("tiny"), options, out, variants=["full"], folds=2, fold_order=[1, 1, 2],
+                      log=lambda message: None)
     probe = shortcut_probe(data, folds=2)
     assert set(probe) == {"background_colour", "scale_bar_corner", "chance_accuracy"}
 
