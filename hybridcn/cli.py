@@ -64,7 +64,8 @@ def _cmd_masks(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from training.report import write_report
 
-    print(write_report(Path(args.study), Path(args.docs)))
+    baseline = Path(args.baseline) if args.baseline else None
+    print(write_report(Path(args.study), Path(args.docs), baseline=baseline))
     return 0
 
 
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="statistics, calibration, plots and tables of a study")
     p.add_argument("study")
     p.add_argument("--docs", default="docs")
+    p.add_argument("--baseline", metavar="STUDY",
+                   help="another study of the same folds (an earlier recipe): adds a paired comparison of full models")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("export", help="export a trained model to ONNX and write a Triton model repository")

@@ -123,6 +123,47 @@ def block_paired_test(variant: dict[int, FoldResult], full: dict[int, FoldResult
                            paired_tests(a, b))
 
 
+def baseline_section(full: dict[int, FoldResult], block_path: Path, baseline_dir: Path) -> list[str]:
+    """Markdown comparing this study's full model with another study's (an earlier recipe) on shared folds.
+
+    Both studies must hold the same fields in the same block folds; the comparison is paired per fold
+    and, with the block as the unit, per block (:func:`block_paired_test`).
+    """
+    baseline_path = Path(baseline_dir) / "cv" / "cv_block.json"
+    loaded = load_cv(baseline_path)
+    if loaded is None or "full" not in loaded[0]:
+        raise FileNotFoundError(f"no completed 'full' fold in the baseline study's {baseline_path}")
+    ours, theirs = json.loads(block_path.read_text()), json.loads(baseline_path.read_text())
+    for key in ("labels", "assignment"):
+        if ours.get(key) != theirs.get(key):
+            raise ValueError(f"{block_path} and {baseline_path} differ in {key!r}: not the same fields and folds")
+    baseline = loaded[0]["full"]
+    shared = [f for f in full if f in baseline]
+    md = [f"### Against the baseline study `{Path(baseline_dir).name}`", ""]
+    if not shared:
+        return md + ["No fold finished in both studies.", ""]
+    setup = theirs.get("setup", {}).get("options", {})
+    md.append(f"The baseline's recipe: {setup.get('backbone_epochs')} backbone epochs, batch "
+              f"{setup.get('batch_size')}, lr {setup.get('lr')} (its `cv/cv_block.json`). Same fields, same "
+              f"folds; compared on the {len(shared)} fold{'s' if len(shared) != 1 else ''} both finished.")
+    md.append("")
+    rows = [[str(f), str(len(full[f].labels)),
+             *(f"{_num(baseline[f].metrics[key])} → {_num(full[f].metrics[key])}" for key, _ in PAIRED_KEYS)]
+            for f in shared]
+    md += [_table(["Fold", "n", *(f"{title} (baseline → this)" for _, title in PAIRED_KEYS)], rows), ""]
+    groups = load_groups(block_path)
+    if groups is not None:
+        comparison = block_paired_test({f: full[f] for f in shared}, {f: baseline[f] for f in shared}, groups)
+        test = comparison.test
+        md.append(f"Pooled over those folds: accuracy {_pct(comparison.full_accuracy)} (baseline) → "
+                  f"{_pct(comparison.variant_accuracy)} (this study), "
+                  f"{100 * (comparison.variant_accuracy - comparison.full_accuracy):+.2f} points; paired over "
+                  f"{comparison.blocks} blocks: t-test p {format_pvalue(test.t_pvalue, test.t_note)}, Wilcoxon p "
+                  f"{format_pvalue(test.wilcoxon_pvalue, test.wilcoxon_note)}.")
+        md.append("")
+    return md
+
+
 def pool(folds: dict[int, FoldResult]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels, logits and fold id of every held-out field, concatenated over folds."""
     labels = np.concatenate([r.labels for r in folds.values()])
@@ -288,8 +329,12 @@ def _plot_ablation(path: Path, variants: Variants) -> None:
     figure.savefig(path, bbox_inches="tight")
 
 
-def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 1000) -> str:
-    """Write ``docs_dir/results.md`` with plots and ``study_dir/final/calibration.json``; return a summary."""
+def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 1000,
+                 baseline: Path | None = None) -> str:
+    """Write ``docs_dir/results.md`` with plots and ``study_dir/final/calibration.json``; return a summary.
+
+    ``baseline`` (another study of the same fields and folds) adds a paired comparison with its full model.
+    """
     study_dir, docs_dir = Path(study_dir), Path(docs_dir)
     block_path = study_dir / "cv" / "cv_block.json"
     loaded = load_cv(block_path)
@@ -352,6 +397,8 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
                   [[CLASS_NAMES[i], *map(str, row)] for i, row in enumerate(confusion)]), ""]
     _plot_confusion(docs_dir / "confusion_matrix.png", confusion)
     md += ["![confusion matrix](confusion_matrix.png)", ""]
+    if baseline is not None:
+        md += baseline_section(full, block_path, Path(baseline))
 
     # 2. calibration
     temperature = fit_temperature(labels, logits)

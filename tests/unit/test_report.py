@@ -231,3 +231,31 @@ def test_block_paired_test_pairs_blocks_of_the_shared_folds() -> None:
     assert block_paired_test({}, full, groups) is None
     with pytest.raises(ValueError, match="different fields"):
         block_paired_test({0: _fold(0, index[1], labels[index[1]], labels[index[1]])}, full, groups)
+
+
+def test_a_baseline_study_is_compared_fold_by_fold_and_over_blocks(tmp_path: Path) -> None:
+    study = _study(tmp_path / "new")
+    baseline = _study(tmp_path / "old", extras=False)
+    # the baseline's full model: a weaker recipe on folds 0 and 1 only
+    cv = json.loads((baseline / "cv" / "cv_block.json").read_text())
+    rng = np.random.default_rng(1)
+    labels = np.asarray(cv["labels"])
+    cv["folds"] = {str(f): {"full": {**cv["folds"][str(f)]["full"], "logits": _logits(
+        rng, labels[cv["folds"][str(f)]["full"]["index"]], strength=6.0, error_rate=0.5).tolist()}} for f in (0, 1)}
+    cv["setup"] = {"options": {"backbone_epochs": 10, "batch_size": 64, "lr": 0.002}}
+    (baseline / "cv" / "cv_block.json").write_text(json.dumps(cv))
+
+    write_report(study, tmp_path / "docs", bootstrap_rounds=20, baseline=baseline)
+
+    results = (tmp_path / "docs" / "results.md").read_text()
+    assert "### Against the baseline study `study`" in results
+    assert "10 backbone epochs, batch 64" in results and "the 2 folds both finished" in results
+    assert "paired over 16 blocks" in results  # folds 0 and 1: 80 fields in blocks of 5
+    pooled = results.split("Pooled over those folds: accuracy ")[1]
+    before, after = (float(text.split("%")[0]) for text in pooled.split(" → "))
+    assert after - before > 20  # error rate 0.1 against 0.5
+
+    cv["assignment"] = cv["assignment"][::-1]
+    (baseline / "cv" / "cv_block.json").write_text(json.dumps(cv))
+    with pytest.raises(ValueError, match="not the same fields and folds"):
+        write_report(study, tmp_path / "docs", bootstrap_rounds=20, baseline=baseline)
