@@ -3,8 +3,8 @@
 # Data travels packed in .gpu/: Original/ JPEGs and the cleaned mask cache from `hybridcn masks`.
 # Usage: scripts/gpu_study.sh DATA_DIR MASKS OUT_DIR MINUTES [extra study flags]
 # e.g. the compact profile's ablations over 5 folds with the shipped recipe (a fresh OUT, then `hybridcn report`):
-#   scripts/gpu_study.sh .gpu/data .gpu/masks.npz $OUT 11 --seg-epochs 4 --backbone-epochs 10 --head-epochs 40 \
-#       --batch-size 64 --feature-views 1 --paper-fold
+#   scripts/gpu_study.sh .gpu/data .gpu/masks.npz $OUT 11 --seg-epochs 4 --backbone-epochs 24 --head-epochs 40 \
+#       --batch-size 32 --feature-views 1 --paper-fold
 # A later --profile paper overrides the compact default.
 set -u
 data=$1 masks=$2 out=$3 minutes=$4

@@ -199,8 +199,16 @@ def crossfit_calibration(labels: np.ndarray, logits: np.ndarray, fold_ids: np.nd
     }
 
 
-def final_training_seconds(log_path: Path) -> float | None:
-    """Seconds the final model took, from the first ``phase 4 done at X s`` line of the study log."""
+def final_training_seconds(study_dir: Path) -> float | None:
+    """Seconds the final model took: ``train_seconds`` in ``final/config.json`` (written since session 5),
+    else the first ``phase 4 done at X s`` line of the study log (older studies trained the final model first).
+    """
+    config_path = study_dir / "final" / "config.json"
+    if config_path.exists():
+        seconds = json.loads(config_path.read_text()).get("train_seconds")
+        if seconds is not None:
+            return float(seconds)
+    log_path = study_dir / "log.txt"
     if not log_path.exists():
         return None
     match = re.search(r"phase 4 done at ([0-9.]+)s", log_path.read_text())
@@ -555,7 +563,7 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
         md += ["No segmentation scores stored.", ""]
 
     # 8. compute
-    seconds = final_training_seconds(study_dir / "log.txt")
+    seconds = final_training_seconds(study_dir)
     md += ["## 8. Compute", ""]
     final_text = f"{seconds:.0f} s" if seconds is not None else "not recorded"
     fold_text = ", ".join(f"fold {r.fold}: {r.entry.get('seconds', float('nan')):.0f} s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -35,6 +36,7 @@ def test_train_is_resumable_and_its_model_exports(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     assert (run / "model.pt").is_file() and (run / "config.json").is_file()
     assert "phase 4 done" in (run / "log.txt").read_text()
+    assert json.loads((run / "config.json").read_text())["train_seconds"] > 0
     again = _run("train", *flags)
     assert again.returncode == 0 and "already trained" in again.stdout
     exported = _run("export", "--model", str(run / "model.pt"), "--out", str(tmp_path / "repo"))

@@ -147,11 +147,13 @@ def test_crossfit_calibration_needs_two_folds(tmp_path: Path) -> None:
     assert 0.0 <= result["review_fraction"] <= 1.0
 
 
-def test_final_training_seconds_reads_the_first_phase_4_line(tmp_path: Path) -> None:
-    log = tmp_path / "log.txt"
-    log.write_text("phase 4 done at 210.9s\nphase 4 done at 106.9s\n")
-    assert final_training_seconds(log) == pytest.approx(210.9)
-    assert final_training_seconds(tmp_path / "missing.txt") is None
+def test_final_training_seconds_prefers_the_final_config_over_the_log(tmp_path: Path) -> None:
+    assert final_training_seconds(tmp_path) is None
+    (tmp_path / "log.txt").write_text("phase 4 done at 210.9s\nphase 4 done at 106.9s\n")
+    assert final_training_seconds(tmp_path) == pytest.approx(210.9)  # older studies: the first phase 4 line
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text(json.dumps({"profile": {}, "train_seconds": 2215.2}))
+    assert final_training_seconds(tmp_path) == pytest.approx(2215.2)  # a fold trained before it cannot mislead
 
 
 def test_paired_tests_known_example() -> None:
