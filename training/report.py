@@ -568,7 +568,7 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
     final_text = f"{seconds:.0f} s" if seconds is not None else "not recorded"
     fold_text = ", ".join(f"fold {r.fold}: {r.entry.get('seconds', float('nan')):.0f} s"
                           for r in full.values())
-    md.append(f"Final model training (phases 1-4, from the log): {final_text}. CV `full` per fold "
+    md.append(f"Final model training (phases 1-4): {final_text}. CV `full` per fold "
               f"(training and scoring): {fold_text}.")
     md.append("")
     (docs_dir / "results.md").write_text("\n".join(md))
