@@ -125,6 +125,9 @@ def crossvalidate(
     Folds run in ``fold_order`` (default ``0..folds-1``), the first ``max_folds`` of it: a recipe
     trial can start on its hardest fold, and a later call with the same setup fills in the rest.
     """
+    order = list(range(folds)) if fold_order is None else list(fold_order)
+    if len(set(order)) != len(order) or not set(order) <= set(range(folds)):
+        raise ValueError(f"fold_order must list distinct folds out of 0..{folds - 1}, got {order}")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"cv_{split}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"split": split, "folds": {}}
@@ -141,9 +144,6 @@ def crossvalidate(
     results["labels"] = data.labels.tolist()
     results["groups"] = groups.tolist()
     _save_json(results_path, results)
-    order = list(range(folds)) if fold_order is None else list(fold_order)
-    if sorted(set(order)) != sorted(order) or not set(order) <= set(range(folds)):
-        raise ValueError(f"fold_order must list distinct folds out of 0..{folds - 1}, got {order}")
     for fold in order[: max_folds or len(order)]:
         fold_key = str(fold)
         fold_results = results["folds"].setdefault(fold_key, {})
