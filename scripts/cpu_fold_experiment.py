@@ -40,6 +40,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--fold", type=int, default=0, help="the held-out block fold (0-4)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--background-augment", type=float, default=0.0, metavar="SHARE",
+                        help="repaint the background of this share of training fields")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -50,6 +52,7 @@ def main() -> int:
     data = load_dataset(args.data, args.size, log=log)
     options = TrainOptions(seg_epochs=args.seg_epochs, backbone_epochs=args.backbone_epochs,
                            head_epochs=args.head_epochs, batch_size=args.batch_size, feature_views=1, seed=args.seed,
+                           background_augment=args.background_augment,
                            device="cpu", progress=False)
     crossvalidate(data, profile, options, out / "cv", variants=args.variants, folds=5,
                   fold_order=[args.fold], log=log)

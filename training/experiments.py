@@ -134,7 +134,11 @@ def crossvalidate(
     setup = json.loads(json.dumps({  # as it reads back from the file
         "profile": profile.to_dict(),
         "options": {k: v for k, v in options.to_dict().items() if k not in ("device", "workers", "progress")}}))
-    if results.setdefault("setup", setup) != setup:
+    stored = results.setdefault("setup", setup)
+    # an option added to TrainOptions after a fold was trained had its default value then
+    defaults = json.loads(json.dumps(TrainOptions().to_dict()))
+    if (stored["profile"] != setup["profile"]
+            or {k: defaults[k] for k in setup["options"]} | stored["options"] != setup["options"]):
         raise ValueError(f"{results_path} holds folds trained with another profile or options; "
                          "resume with the same ones or write to another folder")
     groups = block_groups(data.samples)  # also the unit of the report's block-level paired tests

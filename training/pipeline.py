@@ -27,7 +27,8 @@ from models import FeatureStage, HeadStage, SegmentationStage, create_model, seg
 from models.stages import uint8_to_normalized
 from preprocessing import PreprocessConfig, StainReference, enhance_field, fit_stain_reference
 from preprocessing.normalize import fit_zscore
-from training.augment import augment_batch
+from preprocessing.stain import corner_box, foreground_mask
+from training.augment import augment_batch, replace_background
 from training.mrmr import mrmr_select
 
 Log = Callable[[str], None]
@@ -49,6 +50,7 @@ class TrainOptions:
     use_nasnet: bool = True
     use_mrmr: bool = True
     head: str = "mhsa_head"
+    background_augment: float = 0.0  # share of training fields whose background is repainted (0 = off)
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1)))
     progress: bool = True
@@ -111,6 +113,25 @@ def preprocess_all(
         return np.stack(list(pool.map(_enhance_one, jobs, chunksize=32)))
 
 
+def background_keep(preprocessed: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Where :func:`~training.augment.replace_background` must not paint: the stained matter of each
+    phase-1 field and, when the profile blanks it, the scale-bar box (served fields always have it)."""
+    keep = np.stack([foreground_mask(field, corner_fraction=config.corner_fraction) for field in preprocessed])
+    if config.blank_corner:
+        rows, cols = corner_box(keep.shape[1:], corner_fraction=config.corner_fraction)
+        keep[:, rows, cols] = True
+    return keep
+
+
+def _augment(images: torch.Tensor, keep: torch.Tensor | None, index: torch.Tensor, options: TrainOptions,
+             generator: torch.Generator, masks: torch.Tensor | None = None):
+    """The training batch ``index``: background repainted (if ``options`` asks), then :func:`augment_batch`."""
+    batch = images[index]
+    if keep is not None:
+        batch = replace_background(batch, keep[index], probability=options.background_augment, generator=generator)
+    return augment_batch(batch, masks, generator=generator)
+
+
 def _autocast(device: str):
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -137,7 +158,7 @@ def dice_iou(probability: torch.Tensor, target: torch.Tensor) -> tuple[float, fl
 
 def train_segmentation(
     images: torch.Tensor, masks: torch.Tensor, profile: Profile, options: TrainOptions, log: Log,
-    generator: torch.Generator,
+    generator: torch.Generator, keep: torch.Tensor | None = None,
 ) -> SegmentationStage:
     """Phase 2: Attention U-Net on cleaned masks, BCE + soft Dice."""
     stage = segmentation_stage(profile).to(options.device).to(memory_format=torch.channels_last)
@@ -152,7 +173,7 @@ def train_segmentation(
         running = 0.0
         for batch_index in _progress(range(steps_per_epoch), steps_per_epoch, f"unet {epoch + 1}", options.progress):
             index = order[batch_index * options.batch_size : (batch_index + 1) * options.batch_size].to(images.device)
-            batch, target = augment_batch(images[index], masks[index], generator=generator)
+            batch, target = _augment(images, keep, index, options, generator, masks[index])
             _cosine_lr(optimizer, options.lr, step, total, steps_per_epoch)
             with _autocast(options.device):
                 logits, _ = stage.mask_logits(uint8_to_normalized(batch).contiguous(memory_format=torch.channels_last))
@@ -194,6 +215,7 @@ class BackboneTrainer(nn.Module):
 def train_backbones(
     segmentation: SegmentationStage, images: torch.Tensor, labels: torch.Tensor, profile: Profile,
     options: TrainOptions, log: Log, generator: torch.Generator, checkpoint: Path | None = None,
+    keep: torch.Tensor | None = None,
 ) -> FeatureStage:
     """Phase 3: ConvNeXt + NASNet-A from scratch on segmented, augmented fields."""
     features = create_model(
@@ -220,7 +242,7 @@ def train_backbones(
         batches = _progress(range(steps_per_epoch), steps_per_epoch, f"backbones {epoch + 1}", options.progress)
         for batch_index in batches:
             index = order[batch_index * options.batch_size : (batch_index + 1) * options.batch_size].to(images.device)
-            batch, _ = augment_batch(images[index], generator=generator)
+            batch, _ = _augment(images, keep, index, options, generator)
             target = labels[index]
             with torch.no_grad():
                 _, _, segmented = segmentation(batch)
@@ -251,13 +273,15 @@ def train_backbones(
 @torch.no_grad()
 def extract_features(
     segmentation: SegmentationStage, features: FeatureStage, images: torch.Tensor, batch_size: int,
-    device: str, *, augment: bool = False, generator: torch.Generator | None = None,
+    device: str, *, augment: TrainOptions | None = None, generator: torch.Generator | None = None,
+    keep: torch.Tensor | None = None,
 ) -> np.ndarray:
+    """Pooled features of every field; ``augment`` (the run's options) draws one augmented view instead."""
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        if augment:
-            batch, _ = augment_batch(batch, generator=generator)
+        if augment is not None:
+            batch, _ = _augment(images, keep, slice(start, start + batch_size), augment, generator)
         _, _, segmented = segmentation(batch)
         with _autocast(device):
             out.append(features(segmented.contiguous(memory_format=torch.channels_last)).float().cpu())
@@ -327,31 +351,33 @@ def fit_pipeline(
     generator = torch.Generator().manual_seed(options.seed)
     history: dict = {"options": options.to_dict()}
     started = time.time()
+    reference = reuse.reference if reuse is not None else fit_stain_reference(
+        raw_images[:: max(1, len(raw_images) // 400)], corner_fraction=profile.preprocess.corner_fraction)
+    pre = preprocess_all(raw_images, reference, profile.preprocess, workers=options.workers)
+    images = torch.as_tensor(pre).to(options.device)
+    keep = (torch.as_tensor(background_keep(pre, profile.preprocess)).to(options.device)
+            if options.background_augment > 0 else None)
     if reuse is not None:
-        reference, segmentation, features = reuse.reference, reuse.segmentation, reuse.features
-        pre = torch.as_tensor(preprocess_all(raw_images, reference, profile.preprocess, workers=options.workers))
-        images = pre.to(options.device)
+        segmentation, features = reuse.segmentation, reuse.features
     else:
-        reference = fit_stain_reference(raw_images[:: max(1, len(raw_images) // 400)],
-                                        corner_fraction=profile.preprocess.corner_fraction)
-        pre = preprocess_all(raw_images, reference, profile.preprocess, workers=options.workers)
         log(f"phase 1: preprocessed {len(pre)} fields in {time.time() - started:.1f}s")
-        images = torch.as_tensor(pre).to(options.device)
         usable = np.nonzero(mask_ok)[0]
         history["segmentation_training_masks"] = {"kept": int(len(usable)), "total": int(len(mask_ok))}
         mask_tensor = torch.as_tensor(masks[usable].astype(np.uint8)).to(options.device)
-        segmentation = train_segmentation(images[torch.as_tensor(usable).to(options.device)], mask_tensor,
-                                          profile, options, log, generator)
+        usable_index = torch.as_tensor(usable).to(options.device)
+        segmentation = train_segmentation(images[usable_index], mask_tensor, profile, options, log, generator,
+                                          keep=None if keep is None else keep[usable_index] | mask_tensor.bool())
         segmentation.use_mask = options.use_segmentation
         log(f"phase 2 done at {time.time() - started:.1f}s")
         label_tensor = torch.as_tensor(labels, dtype=torch.int64).to(options.device)
         checkpoint = run_dir / "backbones.ckpt" if run_dir is not None else None
-        features = train_backbones(segmentation, images, label_tensor, profile, options, log, generator, checkpoint)
+        features = train_backbones(segmentation, images, label_tensor, profile, options, log, generator, checkpoint,
+                                   keep=keep)
         log(f"phase 3 done at {time.time() - started:.1f}s")
     views = [extract_features(segmentation, features, images, 2 * options.batch_size, options.device)]
     for _ in range(options.feature_views):
         views.append(extract_features(segmentation, features, images, 2 * options.batch_size, options.device,
-                                      augment=True, generator=generator))
+                                      augment=options, generator=generator, keep=keep))
     train_features = np.concatenate(views)
     train_labels = np.tile(labels, len(views))
     columns = None

@@ -52,6 +52,45 @@ def test_pipeline_trains_all_four_phases(trained, tiny_data):
     assert len(set(index.tolist())) == len(index) == get_profile("tiny").head.mrmr_k
 
 
+def test_background_repaint_keeps_the_cells_and_costs_nothing_when_off(tiny_data):
+    from preprocessing.stain import corner_box
+    from training.augment import replace_background
+    from training.pipeline import background_keep
+
+    config = get_profile("tiny").preprocess
+    images = torch.as_tensor(tiny_data[0][:8])
+    keep = torch.as_tensor(background_keep(images.numpy(), config))
+    rows, cols = corner_box(images.shape[1:], corner_fraction=config.corner_fraction)
+    assert keep[:, rows, cols].all() and 0.05 < keep.float().mean() < 0.9
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert replace_background(images, keep, probability=0.0, generator=generator) is images
+    assert torch.equal(generator.get_state(), state)  # off: the recipe's random stream is unchanged
+    flat = replace_background(images, keep, probability=1.0, generator=generator, max_noise=0.0)
+    assert torch.equal(flat[keep], images[keep])
+    colours = []
+    for i in range(len(images)):
+        background = flat[i][~keep[i]]
+        assert (background == background[0]).all() and 183 <= int(background.min()) <= int(background.max()) <= 255
+        colours.append(tuple(background[0].tolist()))
+    assert len(set(colours)) > 1
+    grainy = replace_background(images, keep, probability=1.0, generator=generator, max_noise=8.0)
+    assert torch.equal(grainy[keep], images[keep]) and grainy[~keep].float().std() > flat[~keep].float().std()
+    half = replace_background(images, keep, probability=0.5, generator=torch.Generator().manual_seed(1))
+    repainted = [not torch.equal(half[i], images[i]) for i in range(len(images))]
+    assert 0 < sum(repainted) < len(images)
+
+
+def test_pipeline_trains_with_background_repaint(tiny_data):
+    images, masks, labels = tiny_data
+    options = TrainOptions(seg_epochs=1, backbone_epochs=1, head_epochs=2, batch_size=16, workers=1, feature_views=1,
+                           device="cpu", progress=False, background_augment=0.5)
+    ok = np.arange(len(labels)) % 3 > 0  # the U-Net's subset of usable masks must line up with its keep masks
+    model = fit_pipeline(images, masks, ok, labels, get_profile("tiny"), options, lambda message: None)
+    assert model.history["options"]["background_augment"] == 0.5
+    assert predict(model, images[:4], options)["probabilities"].shape == (4, 4)
+
+
 def test_checkpoint_round_trip(trained, tiny_data):
     model, path, options = trained
     reloaded = load_trained(path)
@@ -229,6 +268,15 @@ def test_crossvalidation_records_variants_and_resumes(tmp_path):
     assert set(redone["folds"]["0"]) == {"full", "mlp_head", "no_mrmr", "nasnet_only"}
     with pytest.raises(ValueError, match="another profile or options"):
         crossvalidate(data, get_profile("tiny"), replace(options, backbone_epochs=2), out, variants=["full"],
+                      folds=2, max_folds=1, log=lambda message: None)
+    # a fold stored before an option existed resumes: it was trained with that option's default
+    stored = json.loads((out / "cv_block.json").read_text())
+    del stored["setup"]["options"]["background_augment"]
+    (out / "cv_block.json").write_text(json.dumps(stored))
+    crossvalidate(data, get_profile("tiny"), options, out, variants=["full"], folds=2, max_folds=1,
+                  log=lambda message: pytest.fail(f"should not retrain: {message}"))
+    with pytest.raises(ValueError, match="another profile or options"):
+        crossvalidate(data, get_profile("tiny"), replace(options, background_augment=0.5), out, variants=["full"],
                       folds=2, max_folds=1, log=lambda message: None)
     # a recipe trial can start on another fold; only that one is trained
     second = crossvalidate(data, get_profile("tiny"), options, out, variants=["full"], folds=2, fold_order=[1],
