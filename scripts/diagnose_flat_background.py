@@ -5,7 +5,10 @@
 The fold's full model (``STUDY/cv/models/block_fold{K}_full.pt``, kept by ``hybridcn study``) scores its
 held-out fields as they are and with the background painted one flat neutral colour, then with parts
 of the as-is computation put back: the as-is field's z-score statistics (is the per-image z-score the
-route?), and the as-is field's U-Net mask (is the mask?). Prints JSON accuracies.
+route?), and the as-is field's U-Net mask (is the mask?). Then the other order: the background painted
+after phase 1, so the cells' pixels are exactly the as-is ones (does phase 1 move the cells when the
+background changes, through the foreground statistics of Reinhard's normalisation?), with how far
+phase 1 moves the cells' pixels. Prints JSON.
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ def main() -> int:
     held_out = np.asarray(json.loads((cv_dir / "cv_block.json").read_text())["assignment"]) == args.fold
     data = load_dataset(args.data, model.profile.image_size, log=lambda message: None)
     raw, labels = data.images[held_out], data.labels[held_out]
+    background = np.stack([~foreground_mask(image) for image in raw])
     flat = raw.copy()
-    for image, out in zip(raw, flat, strict=True):
-        out[~foreground_mask(image)] = NEUTRAL
+    flat[background] = NEUTRAL
 
     def phase1(fields: np.ndarray) -> torch.Tensor:
         pre = preprocess_all(fields, model.reference, model.profile.preprocess, workers=2)
@@ -69,6 +72,8 @@ def main() -> int:
     as_is, flattened = phase1(raw), phase1(flat)
     as_is_stats = channel_stats(as_is)
     as_is_normalized = (as_is - as_is_stats[0]) / as_is_stats[1]
+    cells = torch.as_tensor(~background)[:, None].expand_as(as_is)
+    painted_after = torch.where(cells, as_is, flattened)  # as-is cells, the flat field's background
     result = {
         "fold": args.fold, "fields": int(held_out.sum()),
         "as_is": accuracy(model, as_is, as_is_stats, labels),
@@ -76,6 +81,8 @@ def main() -> int:
         "flat_with_as_is_zscore_stats": accuracy(model, flattened, as_is_stats, labels),
         "flat_with_as_is_mask": accuracy(model, flattened, channel_stats(flattened), labels, as_is_normalized),
         "flat_with_as_is_zscore_stats_and_mask": accuracy(model, flattened, as_is_stats, labels, as_is_normalized),
+        "flat_painted_after_phase1": accuracy(model, painted_after, channel_stats(painted_after), labels),
+        "phase1_cell_pixel_shift": float((flattened - as_is).abs()[cells].mean()),
     }
     print(json.dumps(result, indent=2))
     return 0
