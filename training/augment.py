@@ -75,7 +75,7 @@ def replace_background(
 ) -> torch.Tensor:
     """Repaint the background of a random ``probability`` share of ``images (N,H,W,3) uint8``.
 
-    ``keep (N,H,W) bool`` marks what stays (the cells and the blanked scale-bar box). The new
+    ``keep (N,H,W) bool`` marks what stays (the stained cells). The new
     background is one near-white colour (``lightness`` grey level, each channel moved by up to
     ``tint``) with Gaussian grain of a random strength up to ``max_noise``, so that flat and textured
     backgrounds of any tint are seen in training. A model without it loses 11 points when the

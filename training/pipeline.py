@@ -27,7 +27,7 @@ from models import FeatureStage, HeadStage, SegmentationStage, create_model, seg
 from models.stages import uint8_to_normalized
 from preprocessing import PreprocessConfig, StainReference, enhance_field, fit_stain_reference
 from preprocessing.normalize import fit_zscore
-from preprocessing.stain import corner_box, foreground_mask
+from preprocessing.stain import foreground_mask
 from training.augment import augment_batch, replace_background
 from training.mrmr import mrmr_select
 
@@ -115,12 +115,9 @@ def preprocess_all(
 
 def background_keep(preprocessed: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """Where :func:`~training.augment.replace_background` must not paint: the stained matter of each
-    phase-1 field and, when the profile blanks it, the scale-bar box (served fields always have it)."""
-    keep = np.stack([foreground_mask(field, corner_fraction=config.corner_fraction) for field in preprocessed])
-    if config.blank_corner:
-        rows, cols = corner_box(keep.shape[1:], corner_fraction=config.corner_fraction)
-        keep[:, rows, cols] = True
-    return keep
+    phase-1 field. The scale-bar box is painted too: phase 1 fills it with the field's own background
+    colour, so a repainted field keeps none of its old background (a served field would not either)."""
+    return np.stack([foreground_mask(field, corner_fraction=config.corner_fraction) for field in preprocessed])
 
 
 def _augment(images: torch.Tensor, keep: torch.Tensor | None, index: torch.Tensor, options: TrainOptions,
