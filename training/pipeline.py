@@ -120,7 +120,7 @@ def background_keep(preprocessed: np.ndarray, config: PreprocessConfig) -> np.nd
     return np.stack([foreground_mask(field, corner_fraction=config.corner_fraction) for field in preprocessed])
 
 
-def _augment(images: torch.Tensor, keep: torch.Tensor | None, index: torch.Tensor, options: TrainOptions,
+def _augment(images: torch.Tensor, keep: torch.Tensor | None, index: torch.Tensor | slice, options: TrainOptions,
              generator: torch.Generator, masks: torch.Tensor | None = None):
     """The training batch ``index``: background repainted (if ``options`` asks), then :func:`augment_batch`."""
     batch = images[index]
