@@ -32,10 +32,13 @@ class PreprocessConfig:
     ``clahe_cells_only`` takes CLAHE's tile histograms over the stained matter only (the background
     counted as ``background_level``). Both keep the background from changing the cells' pixels, and both
     lost accuracy in a fold-0 experiment (MODEL_CARD.md, shortcut audit): ablation variants, off by default.
+    ``stain_lightness_threshold`` fixes the L* threshold that tells Reinhard's statistics which pixels are
+    stained (``None``: Otsu's threshold per field; see :func:`preprocessing.stain.foreground_mask`).
     """
 
     blank_corner: bool = True
     stain_normalize: bool = True
+    stain_lightness_threshold: int | None = None
     flatten_background: bool = False
     clahe_cells_only: bool = False
     background_level: int = 235
@@ -100,7 +103,8 @@ def enhance_field(rgb: np.ndarray, reference: StainReference, config: Preprocess
     if config.blank_corner:
         out = blank_corner(out, corner_fraction=config.corner_fraction)
     if config.stain_normalize:
-        out = reinhard_normalize(out, reference, corner_fraction=config.corner_fraction)
+        out = reinhard_normalize(out, reference, corner_fraction=config.corner_fraction,
+                                 lightness_threshold=config.stain_lightness_threshold)
     if config.flatten_background:
         out = flatten_background(out, level=config.background_level, corner_fraction=config.corner_fraction)
     if config.enhance:

@@ -40,21 +40,30 @@ def corner_box(shape: tuple[int, ...], *, corner_fraction: tuple[float, float]) 
 
 
 def foreground_mask(
-    rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.12, 0.3), min_fraction: float = 0.05
+    rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.12, 0.3), min_fraction: float = 0.05,
+    lightness_threshold: int | None = None,
 ) -> np.ndarray:
     """Boolean mask of stained matter (cells), excluding the pale background and the scale-bar box.
 
-    Background is found by Otsu's threshold on lightness combined with a chroma test; if fewer than
+    Background is found by a threshold on lightness combined with a chroma test; if fewer than
     ``min_fraction`` of the pixels pass, the darkest ``min_fraction`` are used instead, so every
-    field yields statistics.
+    field yields statistics. The threshold is Otsu's (Otsu 1979, IEEE Trans. SMC 9(1):62-66) unless
+    ``lightness_threshold`` (OpenCV 8-bit L*) fixes it: Otsu's adapts to each field's brightness, but
+    it also depends on the background's histogram, so repainting the background changes which cell
+    pixels count as foreground; a fixed threshold does not.
     """
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
-    return _foreground_from_lab(lab, corner_fraction=corner_fraction, min_fraction=min_fraction)
+    return _foreground_from_lab(lab, corner_fraction=corner_fraction, min_fraction=min_fraction,
+                                lightness_threshold=lightness_threshold)
 
 
-def _foreground_from_lab(lab: np.ndarray, *, corner_fraction: tuple[float, float], min_fraction: float) -> np.ndarray:
+def _foreground_from_lab(lab: np.ndarray, *, corner_fraction: tuple[float, float], min_fraction: float,
+                         lightness_threshold: int | None = None) -> np.ndarray:
     lightness = lab[..., 0]
-    threshold, _ = cv2.threshold(lightness, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    if lightness_threshold is None:
+        threshold, _ = cv2.threshold(lightness, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    else:
+        threshold = lightness_threshold
     mask = (lightness < threshold) | chroma_exceeds(lab, 30)
     rows, cols = corner_box(lab.shape, corner_fraction=corner_fraction)
     mask[rows, cols] = False
@@ -104,16 +113,18 @@ def reinhard_normalize(
     *,
     corner_fraction: tuple[float, float] = (0.12, 0.3),
     min_std: float = 1.0,
+    lightness_threshold: int | None = None,
 ) -> np.ndarray:
     """Map the field's foreground L*a*b* mean/std onto ``reference``; returns uint8 RGB.
 
     Every pixel gets the same affine map per channel, so the background moves with the foreground
-    but does not decide the map.
+    but does not decide the map. ``lightness_threshold`` as in :func:`foreground_mask`.
     """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
     lab8 = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)  # converted once: mask, statistics and transfer share it
-    mask = _foreground_from_lab(lab8, corner_fraction=corner_fraction, min_fraction=0.05)
+    mask = _foreground_from_lab(lab8, corner_fraction=corner_fraction, min_fraction=0.05,
+                                lightness_threshold=lightness_threshold)
     source_mean, source_std = _masked_statistics(lab8, mask)
     target_mean = np.asarray(reference.mean)
     target_std = np.asarray(reference.std)
@@ -126,12 +137,14 @@ def reinhard_normalize(
 
 
 def fit_stain_reference(
-    images: Iterable[np.ndarray], *, corner_fraction: tuple[float, float] = (0.12, 0.3)
+    images: Iterable[np.ndarray], *, corner_fraction: tuple[float, float] = (0.12, 0.3),
+    lightness_threshold: int | None = None,
 ) -> StainReference:
     """Reference statistics: the median over fields of each field's foreground mean and std."""
     means, stds = [], []
     for rgb in images:
-        mean, std = lab_statistics(rgb, foreground_mask(rgb, corner_fraction=corner_fraction))
+        mean, std = lab_statistics(rgb, foreground_mask(rgb, corner_fraction=corner_fraction,
+                                                        lightness_threshold=lightness_threshold))
         means.append(mean)
         stds.append(std)
     if not means:

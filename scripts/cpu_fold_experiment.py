@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--background-augment", type=float, default=0.0, metavar="SHARE",
                         help="repaint the background of this share of training fields")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one profile value (JSON), e.g. preprocess.stain_lightness_threshold=200")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -49,6 +51,7 @@ def main() -> int:
     log = make_logger(out / "log.txt")
     compact = get_profile("compact")
     profile = compact.with_changes(image_size=args.size, features=replace(compact.features, input_size=args.size))
+    profile = profile.with_overrides(args.set)
     data = load_dataset(args.data, args.size, log=log)
     options = TrainOptions(seg_epochs=args.seg_epochs, backbone_epochs=args.backbone_epochs,
                            head_epochs=args.head_epochs, batch_size=args.batch_size, feature_views=1, seed=args.seed,

@@ -349,7 +349,8 @@ def fit_pipeline(
     history: dict = {"options": options.to_dict()}
     started = time.time()
     reference = reuse.reference if reuse is not None else fit_stain_reference(
-        raw_images[:: max(1, len(raw_images) // 400)], corner_fraction=profile.preprocess.corner_fraction)
+        raw_images[:: max(1, len(raw_images) // 400)], corner_fraction=profile.preprocess.corner_fraction,
+        lightness_threshold=profile.preprocess.stain_lightness_threshold)
     pre = preprocess_all(raw_images, reference, profile.preprocess, workers=options.workers)
     images = torch.as_tensor(pre).to(options.device)
     keep = (torch.as_tensor(background_keep(pre, profile.preprocess)).to(options.device)

@@ -150,6 +150,22 @@ def test_reinhard_ignores_background_and_corner(field):
     assert np.abs(a[cells].astype(int) - b[cells].astype(int)).mean() < 4
 
 
+
+def test_fixed_lightness_threshold_keeps_cells_exactly_when_background_is_repainted(field):
+    # with the threshold fixed, a repainted (pale, grey) background cannot move which pixels are cells,
+    # so Reinhard's map, and the cells' normalised pixels, are exactly the same
+    reference = fit_stain_reference([field], lightness_threshold=200)
+    cells = foreground_mask(field, lightness_threshold=200)
+    altered = field.copy()
+    altered[~cells] = (236, 236, 236)
+    np.testing.assert_array_equal(foreground_mask(altered, lightness_threshold=200), cells)
+    a = reinhard_normalize(field, reference, lightness_threshold=200)
+    b = reinhard_normalize(altered, reference, lightness_threshold=200)
+    np.testing.assert_array_equal(a[cells], b[cells])
+    config = PreprocessConfig(stain_lightness_threshold=200, enhance=False)
+    np.testing.assert_array_equal(enhance_field(field, reference, config)[cells],
+                                  enhance_field(altered, reference, config)[cells])
+
 def test_blank_corner_paints_only_the_box(field):
     marked = field.copy()
     rows, cols = corner_box(field.shape, corner_fraction=(0.12, 0.3))
