@@ -25,7 +25,7 @@ def _options(args: argparse.Namespace):
 
     options = TrainOptions(seed=args.seed, progress=sys.stderr.isatty())
     for name in ("seg_epochs", "backbone_epochs", "head_epochs", "batch_size", "feature_views", "device", "workers",
-                 "background_augment"):
+                 "background_augment", "balance_acquisition"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(options, name, value)
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--feature-views", type=int, help="augmented feature passes per field for the head (default 2)")
         p.add_argument("--background-augment", type=float, metavar="SHARE",
                        help="repaint the background of this share of training fields (default 0: off)")
+        p.add_argument("--balance-acquisition", action="store_true", default=None,
+                       help="draw each class's yellowish- and bluish-background fields equally often")
         p.add_argument("--device")
         p.add_argument("--workers", type=int)
 

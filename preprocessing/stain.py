@@ -154,6 +154,22 @@ def fit_stain_reference(
     return StainReference(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
 
 
+def background_colour(rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.12, 0.3)) -> np.ndarray:
+    """Median RGB ``(3,) float`` of a field's non-stained pixels (white where there are none).
+
+    The background's tint records the acquisition session (illumination and white balance), not the
+    cells, so it serves to audit and to counter that shortcut.
+    """
+    background = ~foreground_mask(rgb, corner_fraction=corner_fraction)
+    return np.median(rgb[background], axis=0) if background.any() else np.full(3, 255.0)
+
+
+def background_tint(rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.12, 0.3)) -> float:
+    """CIE b* of the median background: positive is yellowish, negative bluish (the white balance)."""
+    pixel = background_colour(rgb, corner_fraction=corner_fraction).round().astype(np.uint8).reshape(1, 1, 3)
+    return float(cv2.cvtColor(pixel, cv2.COLOR_RGB2LAB)[0, 0, 2]) - 128.0
+
+
 def blank_corner(rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.12, 0.3)) -> np.ndarray:
     """Paint the scale-bar box with the field's median background colour (a known shortcut of the data).
 

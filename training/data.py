@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from hybridcn.profiles import CLASS_NAMES
+from preprocessing.stain import background_tint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -174,3 +175,31 @@ def random_folds(samples: list[Sample], *, folds: int = 5, seed: int = 0) -> np.
         indices = np.array([i for i, s in enumerate(samples) if s.label == label])
         assignment[indices[rng.permutation(len(indices))]] = np.arange(len(indices)) % folds
     return assignment
+
+
+def white_balance_groups(images: np.ndarray) -> np.ndarray:
+    """Acquisition look of each raw field ``(N,H,W,3) uint8``: 1 for a yellowish background, 0 for a bluish one.
+
+    In the Taleqani data the two looks follow the class (most Pro-B fields are yellowish, most Pre-B
+    fields bluish; consecutive Pre-B files alternate between them), and the shipped model's errors
+    cluster on each class's rarer look (MODEL_CARD.md, "Metrics"). Sign of the background's CIE b*
+    (:func:`preprocessing.stain.background_tint`).
+    """
+    return np.array([int(background_tint(image) > 0) for image in images], dtype=np.int64)
+
+
+def group_balanced_weights(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Sampling weight per field so that, within each class, every group is drawn equally often.
+
+    Each class keeps its total weight (its field count), so class balance is as without it; a class's
+    rare acquisition look is drawn as often as its common one. Group reweighting as in Sagawa et al.,
+    "Distributionally robust neural networks for group shifts", ICLR 2020, in its simplest form.
+    """
+    weights = np.zeros(len(labels), dtype=np.float64)
+    for label in np.unique(labels):
+        in_class = labels == label
+        present = np.unique(groups[in_class])
+        for group in present:
+            members = in_class & (groups == group)
+            weights[members] = in_class.sum() / (len(present) * members.sum())
+    return weights

@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from hybridcn.profiles import Profile
 from preprocessing import fit_field
-from preprocessing.stain import corner_box, foreground_mask
+from preprocessing.stain import background_colour, corner_box, foreground_mask
 from training.data import Sample, block_folds, block_groups, clean_mask, find_samples, random_folds, read_rgb
 from training.metrics import classification_metrics
 from training.pipeline import TrainedModel, TrainOptions, dice_iou, fit_pipeline, load_trained, predict
@@ -245,8 +245,7 @@ def background_swap_accuracy(model: TrainedModel, data: Dataset, test: np.ndarra
     images = data.images[test]
     labels = data.labels[test]
     masks = [foreground_mask(image) for image in images]
-    medians = np.array([np.median(image[~mask], axis=0) if (~mask).any() else np.full(3, 255.0)
-                        for image, mask in zip(images, masks, strict=True)])
+    medians = np.array([background_colour(image) for image in images])
     class_background = {c: np.median(medians[labels == c], axis=0) for c in np.unique(labels)}
     present = sorted(class_background)
     other = np.array([present[(present.index(c) + 1) % len(present)] for c in labels])
@@ -276,8 +275,7 @@ def shortcut_probe(data: Dataset, *, folds: int = 5) -> dict:
     """
     background, corner = [], []
     for image in data.images:
-        mask = foreground_mask(image)
-        background.append(np.median(image[~mask], axis=0) if (~mask).any() else np.zeros(3))
+        background.append(background_colour(image))
         rows, cols = corner_box(image.shape, corner_fraction=(0.12, 0.3))
         corner.append(cv2.resize(image[rows, cols], (8, 8), interpolation=cv2.INTER_AREA).reshape(-1))
     assignment = block_folds(data.samples, folds=folds)

@@ -29,6 +29,7 @@ from preprocessing import PreprocessConfig, StainReference, enhance_field, fit_s
 from preprocessing.normalize import fit_zscore
 from preprocessing.stain import foreground_mask
 from training.augment import augment_batch, replace_background
+from training.data import group_balanced_weights, white_balance_groups
 from training.mrmr import mrmr_select
 
 Log = Callable[[str], None]
@@ -51,6 +52,7 @@ class TrainOptions:
     use_mrmr: bool = True
     head: str = "mhsa_head"
     background_augment: float = 0.0  # share of training fields whose background is repainted (0 = off)
+    balance_acquisition: bool = False  # draw each class's yellow- and blue-background fields equally often
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1)))
     progress: bool = True
@@ -127,6 +129,13 @@ def _augment(images: torch.Tensor, keep: torch.Tensor | None, index: torch.Tenso
     if keep is not None:
         batch = replace_background(batch, keep[index], probability=options.background_augment, generator=generator)
     return augment_batch(batch, masks, generator=generator)
+
+
+def _epoch_order(count: int, generator: torch.Generator, weights: torch.Tensor | None) -> torch.Tensor:
+    """One epoch's field indices: a permutation, or ``count`` draws with replacement by ``weights``."""
+    if weights is None:
+        return torch.randperm(count, generator=generator)
+    return torch.multinomial(weights, count, replacement=True, generator=generator)
 
 
 def _autocast(device: str):
@@ -212,9 +221,9 @@ class BackboneTrainer(nn.Module):
 def train_backbones(
     segmentation: SegmentationStage, images: torch.Tensor, labels: torch.Tensor, profile: Profile,
     options: TrainOptions, log: Log, generator: torch.Generator, checkpoint: Path | None = None,
-    keep: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None,
 ) -> FeatureStage:
-    """Phase 3: ConvNeXt + NASNet-A from scratch on segmented, augmented fields."""
+    """Phase 3: ConvNeXt + NASNet-A from scratch on segmented, augmented fields (drawn by ``sample_weights``)."""
     features = create_model(
         "hybrid_features", profile, use_convnext=options.use_convnext, use_nasnet=options.use_nasnet
     )
@@ -234,7 +243,7 @@ def train_backbones(
     class_weight = (class_counts.sum() / (len(class_counts) * class_counts.clamp(min=1))).to(options.device)
     for epoch in range(start_epoch, options.backbone_epochs):
         trainer.train()
-        order = torch.randperm(len(images), generator=generator)
+        order = _epoch_order(len(images), generator, sample_weights)
         running, correct, seen = 0.0, 0, 0
         batches = _progress(range(steps_per_epoch), steps_per_epoch, f"backbones {epoch + 1}", options.progress)
         for batch_index in batches:
@@ -295,6 +304,7 @@ def head_k(profile: Profile, width: int, use_mrmr: bool) -> int:
 def train_head(
     train_features: np.ndarray, train_labels: np.ndarray, profile: Profile, options: TrainOptions, log: Log,
     generator: torch.Generator, *, columns: np.ndarray | None = None, clean_rows: int | None = None,
+    sample_weights: np.ndarray | None = None,
 ) -> HeadStage:
     """Phase 4: z-score (training split), mRMR to K, then the MHSA (or MLP) classifier."""
     width = train_features.shape[1]
@@ -312,13 +322,14 @@ def train_head(
     head.selection.set_statistics(mean, std, chosen)
     x = torch.as_tensor(train_features, dtype=torch.float32, device=options.device)
     y = torch.as_tensor(train_labels, dtype=torch.int64, device=options.device)
+    weights = None if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float64)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
     batch = 128
     steps_per_epoch = max(1, len(x) // batch)
     total = steps_per_epoch * options.head_epochs
     for epoch in range(options.head_epochs):
         head.train()
-        order = torch.randperm(len(x), generator=generator).to(options.device)
+        order = _epoch_order(len(x), generator, weights).to(options.device)
         for i in range(steps_per_epoch):
             index = order[i * batch : (i + 1) * batch]
             _cosine_lr(optimizer, 1e-3, epoch * steps_per_epoch + i, total, steps_per_epoch)
@@ -355,6 +366,14 @@ def fit_pipeline(
     images = torch.as_tensor(pre).to(options.device)
     keep = (torch.as_tensor(background_keep(pre, profile.preprocess)).to(options.device)
             if options.background_augment > 0 else None)
+    weights = None
+    if options.balance_acquisition:
+        groups = white_balance_groups(raw_images)
+        weights = group_balanced_weights(labels, groups)
+        counts = {name: [int(((labels == c) & (groups == g)).sum()) for g in (0, 1)]
+                  for c, name in enumerate(profile.classes)}
+        history["white_balance_groups"] = counts
+        log(f"balancing acquisition looks per class, [bluish, yellowish] fields: {counts}")
     if reuse is not None:
         segmentation, features = reuse.segmentation, reuse.features
     else:
@@ -370,7 +389,7 @@ def fit_pipeline(
         label_tensor = torch.as_tensor(labels, dtype=torch.int64).to(options.device)
         checkpoint = run_dir / "backbones.ckpt" if run_dir is not None else None
         features = train_backbones(segmentation, images, label_tensor, profile, options, log, generator, checkpoint,
-                                   keep=keep)
+                                   keep=keep, sample_weights=None if weights is None else torch.as_tensor(weights))
         log(f"phase 3 done at {time.time() - started:.1f}s")
     views = [extract_features(segmentation, features, images, 2 * options.batch_size, options.device)]
     for _ in range(options.feature_views):
@@ -384,7 +403,7 @@ def fit_pipeline(
         columns = (np.arange(extractor.convnext_dim) if options.use_convnext
                    else np.arange(extractor.convnext_dim, extractor.num_features))
     head = train_head(train_features, train_labels, profile, options, log, generator, columns=columns,
-                      clean_rows=len(labels))
+                      clean_rows=len(labels), sample_weights=None if weights is None else np.tile(weights, len(views)))
     history["train_seconds"] = time.time() - started
     log(f"phase 4 done at {time.time() - started:.1f}s")
     return TrainedModel(profile, reference, segmentation, features, head, history)

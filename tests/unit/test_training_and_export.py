@@ -91,6 +91,43 @@ def test_pipeline_trains_with_background_repaint(tiny_data):
     assert predict(model, images[:4], options)["probabilities"].shape == (4, 4)
 
 
+def test_white_balance_groups_follow_the_background_tint(tiny_data):
+    from preprocessing.stain import background_tint, foreground_mask
+    from training.data import white_balance_groups
+
+    field = tiny_data[0][0]
+    yellowish, bluish = field.copy(), field.copy()
+    background = ~foreground_mask(field)
+    yellowish[background] = (245, 240, 215)
+    bluish[background] = (225, 235, 250)
+    assert background_tint(yellowish) > 5 > -5 > background_tint(bluish)
+    assert white_balance_groups(np.stack([yellowish, bluish, yellowish])).tolist() == [1, 0, 1]
+
+
+def test_group_balanced_weights_keep_class_mass_and_even_out_groups():
+    from training.data import group_balanced_weights
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    groups = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    weights = group_balanced_weights(labels, groups)
+    for label in (0, 1, 2):
+        assert weights[labels == label].sum() == pytest.approx((labels == label).sum())
+    assert weights[(labels == 0) & (groups == 0)].sum() == pytest.approx(weights[(labels == 0) & (groups == 1)].sum())
+    assert weights[3] == pytest.approx(3 * weights[0])  # the rare look of class 0 is drawn three times as often
+    assert weights[7] == pytest.approx(1.0)  # a class with one look is drawn as without balancing
+
+
+def test_pipeline_trains_with_acquisition_balancing(tiny_data):
+    images, masks, labels = tiny_data
+    options = TrainOptions(seg_epochs=1, backbone_epochs=1, head_epochs=2, batch_size=16, workers=1, feature_views=1,
+                           device="cpu", progress=False, balance_acquisition=True)
+    model = fit_pipeline(images, masks, np.ones(len(labels), bool), labels, get_profile("tiny"), options,
+                         lambda message: None)
+    counts = model.history["white_balance_groups"]
+    assert sum(sum(pair) for pair in counts.values()) == len(labels)
+    assert predict(model, images[:4], options)["probabilities"].shape == (4, 4)
+
+
 def test_checkpoint_round_trip(trained, tiny_data):
     model, path, options = trained
     reloaded = load_trained(path)
