@@ -44,6 +44,8 @@ def main() -> int:
                         help="repaint the background of this share of training fields")
     parser.add_argument("--balance-acquisition", action="store_true",
                         help="draw each class's yellowish- and bluish-background fields equally often")
+    parser.add_argument("--look-augment", type=float, default=0.0, metavar="SHARE",
+                        help="vary focus and saturation of this share of training fields")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one profile value (JSON), e.g. preprocess.stain_lightness_threshold=200")
     args = parser.parse_args()
@@ -58,7 +60,7 @@ def main() -> int:
     options = TrainOptions(seg_epochs=args.seg_epochs, backbone_epochs=args.backbone_epochs,
                            head_epochs=args.head_epochs, batch_size=args.batch_size, feature_views=1, seed=args.seed,
                            background_augment=args.background_augment,
-                           balance_acquisition=args.balance_acquisition,
+                           balance_acquisition=args.balance_acquisition, look_augment=args.look_augment,
                            device="cpu", progress=False)
     crossvalidate(data, profile, options, out / "cv", variants=args.variants, folds=5,
                   fold_order=[args.fold], log=log)

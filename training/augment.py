@@ -2,11 +2,14 @@
 
 Flips and 90-degree rotations (smears have no orientation), stain/colour jitter (staining and
 white-balance drift between sessions) and scale (magnification and cell-size variation). Masks go
-through the same geometric transform as their images. :func:`replace_background` is the optional
-one: a new background tint and texture, so the class has to come from the cells.
+through the same geometric transform as their images. Two are optional: :func:`replace_background`
+(a new background tint and texture, so the class has to come from the cells) and the acquisition
+look in :func:`augment_batch` (focus and saturation, which follow the session in this data).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,38 @@ def _geometric(x: torch.Tensor, flips: torch.Tensor, rotations: torch.Tensor) ->
     return out
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N,C,H,W)`` float images, reflected at the borders."""
+    radius = max(1, int(math.ceil(2 * sigma)))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    out = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+
+
+def vary_look(x: torch.Tensor, chosen: torch.Tensor, rand, *, sigma: float, sharpness: float = 1.0,
+              saturation: float = 0.5) -> torch.Tensor:
+    """Re-focus and re-saturate the ``chosen`` fields of ``x (N,3,H,W)`` float 0-255.
+
+    Unsharp masking ``x + a (x - blur(x))`` with ``a`` uniform in ``[-sharpness, sharpness]`` blurs
+    (``a < 0``; ``a = -1`` is the blur itself) or sharpens; then the distance from grey is scaled by a
+    factor uniform in ``1 +- saturation``. In the Taleqani data, focus and saturation follow the
+    acquisition session, and so the class: Pro-B fields and the yellowish-background Pre-B fields are
+    blurrier and paler than the bluish Pre-B ones (MODEL_CARD.md, "Metrics").
+    """
+    n = x.shape[0]
+    amount = sharpness * (rand(n, 1, 1, 1) * 2 - 1)
+    factor = 1 + saturation * (rand(n, 1, 1, 1) * 2 - 1)
+    y = x + amount * (x - gaussian_blur(x, sigma))
+    grey = y.mean(dim=1, keepdim=True)
+    y = grey + (y - grey) * factor
+    return torch.where(chosen.view(n, 1, 1, 1), y, x)
+
+
 def augment_batch(
     images: torch.Tensor,
     masks: torch.Tensor | None = None,
@@ -31,8 +66,13 @@ def augment_batch(
     generator: torch.Generator | None = None,
     colour: float = 0.08,
     scale: tuple[float, float] = (0.75, 1.0),
+    look: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Augment ``images (N,H,W,3) uint8`` (and ``masks (N,H,W)``); returns tensors of the same dtypes."""
+    """Augment ``images (N,H,W,3) uint8`` (and ``masks (N,H,W)``); returns tensors of the same dtypes.
+
+    ``look`` is the share of fields whose focus and saturation are varied (:func:`vary_look`, with a
+    blur of 1 px per 112 px of field); at 0 the random stream is the same as without it.
+    """
     n, height, width, _ = images.shape
     device = images.device
     rand = lambda *shape: torch.rand(*shape, generator=generator, device="cpu").to(device)  # noqa: E731
@@ -59,6 +99,8 @@ def augment_batch(
     gain = 1 + 0.5 * colour * (rand(n, 3, 1, 1) * 2 - 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * contrast + mean) * brightness * gain
+    if look > 0:
+        x = vary_look(x, rand(n) < look, rand, sigma=max(width, height) / 112)
     x = x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return x, (m[:, 0].round().to(masks.dtype) if m is not None else None)
 

@@ -53,6 +53,7 @@ class TrainOptions:
     head: str = "mhsa_head"
     background_augment: float = 0.0  # share of training fields whose background is repainted (0 = off)
     balance_acquisition: bool = False  # draw each class's yellow- and blue-background fields equally often
+    look_augment: float = 0.0  # share of training fields re-focused and re-saturated (0 = off)
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1)))
     progress: bool = True
@@ -128,7 +129,7 @@ def _augment(images: torch.Tensor, keep: torch.Tensor | None, index: torch.Tenso
     batch = images[index]
     if keep is not None:
         batch = replace_background(batch, keep[index], probability=options.background_augment, generator=generator)
-    return augment_batch(batch, masks, generator=generator)
+    return augment_batch(batch, masks, generator=generator, look=options.look_augment)
 
 
 def _epoch_order(count: int, generator: torch.Generator, weights: torch.Tensor | None) -> torch.Tensor:

@@ -81,6 +81,27 @@ def test_background_repaint_keeps_the_cells_and_costs_nothing_when_off(tiny_data
     assert 0 < sum(repainted) < len(images)
 
 
+def test_look_augmentation_blurs_or_sharpens_and_is_off_by_default(tiny_data):
+    from training.augment import augment_batch, gaussian_blur, vary_look
+
+    images = torch.as_tensor(tiny_data[0][:8])
+    plain, _ = augment_batch(images, generator=torch.Generator().manual_seed(0))
+    off, _ = augment_batch(images, generator=torch.Generator().manual_seed(0), look=0.0)
+    assert torch.equal(plain, off)  # off: the recipe's random stream and output are unchanged
+    varied, _ = augment_batch(images, generator=torch.Generator().manual_seed(0), look=1.0)
+    assert varied.dtype == torch.uint8 and varied.shape == images.shape and not torch.equal(varied, plain)
+    x = images.permute(0, 3, 1, 2).float()
+    blurred = gaussian_blur(x, 1.0)
+    assert blurred.shape == x.shape and blurred.mean().item() == pytest.approx(x.mean().item(), rel=1e-3)
+    edges = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean().item()  # noqa: E731
+    assert edges(blurred) < 0.8 * edges(x)
+    chosen = torch.tensor([True, False] * 4)
+    fixed = iter([torch.full((8, 1, 1, 1), 0.0), torch.full((8, 1, 1, 1), 0.5)])  # a = -1 (blur), saturation kept
+    out = vary_look(x, chosen, lambda *shape: next(fixed), sigma=1.0)
+    torch.testing.assert_close(out[chosen], blurred[chosen])
+    assert torch.equal(out[~chosen], x[~chosen])
+
+
 def test_pipeline_trains_with_background_repaint(tiny_data):
     images, masks, labels = tiny_data
     options = TrainOptions(seg_epochs=1, backbone_epochs=1, head_epochs=2, batch_size=16, workers=1, feature_views=1,
