@@ -154,13 +154,17 @@ def fit_stain_reference(
     return StainReference(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
 
 
-def background_colour(rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.12, 0.3)) -> np.ndarray:
+def background_colour(rgb: np.ndarray, *, corner_fraction: tuple[float, float] = (0.12, 0.3),
+                      foreground: np.ndarray | None = None) -> np.ndarray:
     """Median RGB ``(3,) float`` of a field's non-stained pixels (white where there are none).
 
     The background's tint records the acquisition session (illumination and white balance), not the
-    cells, so it serves to audit and to counter that shortcut.
+    cells, so it serves to audit and to counter that shortcut. Pass ``foreground`` (from
+    :func:`foreground_mask`) when the caller already has it.
     """
-    background = ~foreground_mask(rgb, corner_fraction=corner_fraction)
+    if foreground is None:
+        foreground = foreground_mask(rgb, corner_fraction=corner_fraction)
+    background = ~foreground
     return np.median(rgb[background], axis=0) if background.any() else np.full(3, 255.0)
 
 

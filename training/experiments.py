@@ -245,7 +245,7 @@ def background_swap_accuracy(model: TrainedModel, data: Dataset, test: np.ndarra
     images = data.images[test]
     labels = data.labels[test]
     masks = [foreground_mask(image) for image in images]
-    medians = np.array([background_colour(image) for image in images])
+    medians = np.array([background_colour(image, foreground=mask) for image, mask in zip(images, masks, strict=True)])
     class_background = {c: np.median(medians[labels == c], axis=0) for c in np.unique(labels)}
     present = sorted(class_background)
     other = np.array([present[(present.index(c) + 1) % len(present)] for c in labels])
