@@ -1,6 +1,6 @@
 """Where do a study's out-of-fold errors fall? Per class, per acquisition look and per block (CPU, ~1 min).
 
-    .venv/bin/python scripts/errors_by_look.py --data DATA --study runs/cpu112e24 [--variant full]
+    .venv/bin/python scripts/errors_by_look.py --data DATA --study runs/cpu112e24 [--variant full] [--fold K ...]
 
 The look is :func:`training.data.white_balance_groups` of each field (yellowish or bluish background);
 the blocks are the patient stand-ins of the block split. Reads the stored out-of-fold logits
@@ -33,13 +33,15 @@ def main() -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--study", required=True)
     parser.add_argument("--variant", default="full")
+    parser.add_argument("--fold", type=int, action="append", metavar="K",
+                        help="count only this held-out fold (repeatable; default: every fold the study finished)")
     args = parser.parse_args()
 
     cv = json.loads((Path(args.study) / "cv" / "cv_block.json").read_text())
     labels, groups = np.asarray(cv["labels"]), np.asarray(cv["groups"])
     predicted = np.full(len(labels), -1)
-    for entry in cv["folds"].values():
-        if args.variant in entry:
+    for fold, entry in cv["folds"].items():
+        if args.variant in entry and (args.fold is None or int(fold) in args.fold):
             result = entry[args.variant]
             predicted[np.asarray(result["index"])] = np.asarray(result["logits"]).argmax(1)
     scored = predicted >= 0
