@@ -135,9 +135,13 @@ def crossvalidate(
         "profile": profile.to_dict(),
         "options": {k: v for k, v in options.to_dict().items() if k not in ("device", "workers", "progress")}}))
     stored = results.setdefault("setup", setup)
-    # an option added to TrainOptions after a fold was trained had its default value then
+    # an option or profile field added after a fold was trained had its default value then
     defaults = json.loads(json.dumps(TrainOptions().to_dict()))
-    if (stored["profile"] != setup["profile"]
+    try:
+        stored_profile = json.loads(json.dumps(Profile.from_dict(stored["profile"]).to_dict()))
+    except (KeyError, TypeError):  # a field since removed or renamed
+        stored_profile = stored["profile"]
+    if (stored_profile != setup["profile"]
             or {k: defaults[k] for k in setup["options"]} | stored["options"] != setup["options"]):
         raise ValueError(f"{results_path} holds folds trained with another profile or options; "
                          "resume with the same ones or write to another folder")

@@ -330,12 +330,16 @@ def test_crossvalidation_records_variants_and_resumes(tmp_path):
     # a fold stored before an option existed resumes: it was trained with that option's default
     stored = json.loads((out / "cv_block.json").read_text())
     del stored["setup"]["options"]["background_augment"]
+    del stored["setup"]["profile"]["preprocess"]["stain_lightness_threshold"]  # so does a profile field
     (out / "cv_block.json").write_text(json.dumps(stored))
     crossvalidate(data, get_profile("tiny"), options, out, variants=["full"], folds=2, max_folds=1,
                   log=lambda message: pytest.fail(f"should not retrain: {message}"))
     with pytest.raises(ValueError, match="another profile or options"):
         crossvalidate(data, get_profile("tiny"), replace(options, background_augment=0.5), out, variants=["full"],
                       folds=2, max_folds=1, log=lambda message: None)
+    with pytest.raises(ValueError, match="another profile or options"):
+        crossvalidate(data, get_profile("tiny").with_overrides(["preprocess.stain_lightness_threshold=200"]), options,
+                      out, variants=["full"], folds=2, max_folds=1, log=lambda message: None)
     # a recipe trial can start on another fold; only that one is trained
     second = crossvalidate(data, get_profile("tiny"), options, out, variants=["full"], folds=2, fold_order=[1],
                            log=lambda message: None)
