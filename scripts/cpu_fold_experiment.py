@@ -5,7 +5,8 @@
 
 Trains each variant (names from ``training.experiments.ABLATIONS``) with the compact networks at
 ``--size`` px on the other block folds and scores it on ``--fold`` (default 0); the full model
-also gets the shortcut audit and the segmentation Dice. Results go to ``OUT/cv/cv_block.json`` and
+also gets the shortcut audit and the segmentation Dice. Several ``--fold`` values run one after
+another on one loaded dataset. Results go to ``OUT/cv/cv_block.json`` and
 ``OUT/log.txt`` as in ``hybridcn study`` (resumable). About 15 minutes per variant at 112 px on 2 cores.
 The compact profile itself runs at 112 px without CLAHE/multiscale since session 3; the experiments
 recorded in the model card ran on its earlier form (224 px profile sized down, CLAHE on), where
@@ -38,7 +39,8 @@ def main() -> int:
     parser.add_argument("--backbone-epochs", type=int, default=10)
     parser.add_argument("--head-epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--fold", type=int, default=0, help="the held-out block fold (0-4)")
+    parser.add_argument("--fold", type=int, nargs="+", default=[0],
+                        help="the held-out block fold(s) (0-4), run in this order in one process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--background-augment", type=float, default=0.0, metavar="SHARE",
                         help="repaint the background of this share of training fields")
@@ -63,7 +65,7 @@ def main() -> int:
                            balance_acquisition=args.balance_acquisition, look_augment=args.look_augment,
                            device="cpu", progress=False)
     crossvalidate(data, profile, options, out / "cv", variants=args.variants, folds=5,
-                  fold_order=[args.fold], log=log)
+                  fold_order=args.fold, log=log)
     return 0
 
 

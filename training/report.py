@@ -3,7 +3,10 @@
 Reads what :mod:`training.study` wrote (``cv/cv_block.json``, optional ``cv/cv_random.json`` and
 ``cv_paper/cv_block.json``, ``shortcuts.json``, ``final/config.json``, ``log.txt``), writes
 ``results.md`` and PNG plots into the docs folder and ``final/calibration.json`` for the exporter.
-Folds cut short by the time budget are skipped and the report says which folds it used.
+Folds cut short by the time budget are skipped and the report says which folds it used. The small
+inputs (everything but the log and checkpoints) are kept under ``DOCS/study/`` in the same layout,
+so the report can be recomputed, compared against and resumed from a checkout (run folders are not
+committed and a new checkout starts without them).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ TARGET_PRECISION = 0.995
 SUMMARY_KEYS = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
                 ("macro_auc", "Macro AUC (one-vs-rest)"), ("mcc", "MCC"))
 PAIRED_KEYS = (("accuracy", "Accuracy"), ("mcc", "MCC"), ("macro_auc", "AUC"))
+ARCHIVED_INPUTS = ("cv/cv_block.json", "cv/cv_random.json", "cv_paper/cv_block.json", "shortcuts.json",
+                   "final/config.json")
 
 
 @dataclass(frozen=True)
@@ -337,9 +342,38 @@ def _plot_ablation(path: Path, variants: Variants) -> None:
     figure.savefig(path, bbox_inches="tight")
 
 
+def archive_inputs(study_dir: Path, archive_dir: Path) -> list[str]:
+    """Copy the study files the report reads (:data:`ARCHIVED_INPUTS`, those present) into ``archive_dir``.
+
+    They hold every out-of-fold logit and the setup of the study, a few hundred kB as compact JSON.
+    ``hybridcn report ARCHIVE`` recomputes the report from them, ``--baseline ARCHIVE`` pairs a later
+    study with it, and copying ``ARCHIVE/cv`` into a run folder lets ``crossvalidate`` resume there.
+    The final model's training time, which older studies kept in the log only, goes into the copy of
+    ``final/config.json``. Returns the copied paths, relative to both folders; nothing is copied onto itself.
+    """
+    study_dir, archive_dir = Path(study_dir), Path(archive_dir)
+    if archive_dir.resolve() == study_dir.resolve():
+        return []
+    copied = []
+    for name in ARCHIVED_INPUTS:
+        source = study_dir / name
+        if not source.exists():
+            continue
+        data = json.loads(source.read_text())
+        if name == "final/config.json" and data.get("train_seconds") is None:
+            data["train_seconds"] = final_training_seconds(study_dir)  # older studies kept it in the log only
+        target = archive_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(data, separators=(",", ":")))
+        copied.append(name)
+    return copied
+
+
 def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 1000,
                  baseline: Path | None = None) -> str:
     """Write ``docs_dir/results.md`` with plots and ``study_dir/final/calibration.json``; return a summary.
+
+    The inputs are archived into ``docs_dir/study`` (:func:`archive_inputs`).
 
     ``baseline`` (another study of the same fields and folds) adds a paired comparison with its full model.
     """
@@ -572,6 +606,7 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
               f"(training and scoring): {fold_text}.")
     md.append("")
     (docs_dir / "results.md").write_text("\n".join(md))
+    archive_inputs(study_dir, docs_dir / "study")
 
     calibration = {
         "temperature": temperature,
@@ -594,4 +629,5 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
             f"macro AUC {oof['macro_auc']:.4f}; "
             f"T={temperature:.3f}, ECE {ece_before:.4f} -> {ece_after:.4f}; review threshold "
             f"{review['threshold']:.4f} sends {100 * review['review_fraction']:.1f}% to review. "
-            f"Wrote {docs_dir / 'results.md'} and {study_dir / 'final' / 'calibration.json'}.")
+            f"Wrote {docs_dir / 'results.md'}, {study_dir / 'final' / 'calibration.json'} and the inputs "
+            f"under {docs_dir / 'study'}.")

@@ -106,6 +106,26 @@ def test_write_report_writes_tables_plots_and_calibration(tmp_path: Path) -> Non
     assert "210 s" in results or "211 s" in results
 
 
+def test_the_archived_inputs_reproduce_the_report(tmp_path: Path) -> None:
+    study = _study(tmp_path, random_split=True)
+    docs = tmp_path / "docs"
+    write_report(study, docs, bootstrap_rounds=50)
+
+    archive = docs / "study"
+    for name in ("cv/cv_block.json", "cv/cv_random.json", "shortcuts.json"):
+        assert json.loads((archive / name).read_text()) == json.loads((study / name).read_text()), name
+    config = json.loads((archive / "final" / "config.json").read_text())
+    assert config.pop("train_seconds") == 210.9  # from the study's log, which is not archived
+    assert config == json.loads((study / "final" / "config.json").read_text())
+    assert not (archive / "log.txt").exists()  # logs and checkpoints stay in the run folder
+
+    write_report(archive, tmp_path / "again", bootstrap_rounds=50)
+    assert (tmp_path / "again" / "results.md").read_text() == (docs / "results.md").read_text()
+    assert not (archive / "study").exists()  # reporting an archive into its own docs folder copies nothing
+    write_report(archive, docs, bootstrap_rounds=50)
+    assert not (archive / "study").exists()
+
+
 @pytest.mark.parametrize(
     ("study_options", "expected"),
     [
