@@ -211,8 +211,10 @@ def test_onnx_ensemble_matches_pytorch_with_temperature(trained, tiny_data, tmp_
     build_repository(path, tmp_path / "repo", check_parity=False)
     pre = predict(model, tiny_data[0][:4], options)
     ours = OnnxEnsemble(tmp_path / "repo").infer(pre["preprocessed"])
-    # three graphs in a row, each at float32 parity: end to end within 1e-4
-    np.testing.assert_allclose(ours.probabilities, pre["probabilities"], atol=1e-4)
+    # three graphs in a row, each at float32 parity (test_onnx_export_parity): their rounding compounds,
+    # and by how much depends on the CPU's kernels (1.5e-4 on an AMD EPYC runner, under 1e-4 elsewhere);
+    # a wrong input, order or temperature moves probabilities by far more than 5e-4
+    np.testing.assert_allclose(ours.probabilities, pre["probabilities"], atol=5e-4)
 
 
 def test_dataset_layouts_and_block_folds(tmp_path):
