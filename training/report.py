@@ -207,6 +207,7 @@ def crossfit_calibration(labels: np.ndarray, logits: np.ndarray, fold_ids: np.nd
 def final_training_seconds(study_dir: Path) -> float | None:
     """Seconds the final model took: ``train_seconds`` in ``final/config.json`` (written since session 5),
     else the first ``phase 4 done at X s`` line of the study log (older studies trained the final model first).
+    None without a final model: a fold trial's log has the same lines, and they are not the final model's.
     """
     config_path = study_dir / "final" / "config.json"
     if config_path.exists():
@@ -214,7 +215,7 @@ def final_training_seconds(study_dir: Path) -> float | None:
         if seconds is not None:
             return float(seconds)
     log_path = study_dir / "log.txt"
-    if not log_path.exists():
+    if not log_path.exists() or not (config_path.exists() or (study_dir / "final" / "model.pt").exists()):
         return None
     match = re.search(r"phase 4 done at ([0-9.]+)s", log_path.read_text())
     return float(match.group(1)) if match else None

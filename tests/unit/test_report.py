@@ -170,8 +170,10 @@ def test_crossfit_calibration_needs_two_folds(tmp_path: Path) -> None:
 def test_final_training_seconds_prefers_the_final_config_over_the_log(tmp_path: Path) -> None:
     assert final_training_seconds(tmp_path) is None
     (tmp_path / "log.txt").write_text("phase 4 done at 210.9s\nphase 4 done at 106.9s\n")
-    assert final_training_seconds(tmp_path) == pytest.approx(210.9)  # older studies: the first phase 4 line
+    assert final_training_seconds(tmp_path) is None  # fold trials only: no final model to time
     (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.pt").write_bytes(b"")
+    assert final_training_seconds(tmp_path) == pytest.approx(210.9)  # older studies: the first phase 4 line
     (tmp_path / "final" / "config.json").write_text(json.dumps({"profile": {}, "train_seconds": 2215.2}))
     assert final_training_seconds(tmp_path) == pytest.approx(2215.2)  # a fold trained before it cannot mislead
 
