@@ -25,7 +25,7 @@ def _options(args: argparse.Namespace):
 
     options = TrainOptions(seed=args.seed, progress=sys.stderr.isatty())
     for name in ("seg_epochs", "backbone_epochs", "head_epochs", "batch_size", "feature_views", "device", "workers",
-                 "background_augment", "balance_acquisition", "look_augment"):
+                 "background_augment", "balance_acquisition", "look_augment", "head_label_smoothing"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(options, name, value)
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draw each class's yellowish- and bluish-background fields equally often")
         p.add_argument("--look-augment", type=float, metavar="SHARE",
                        help="vary focus and saturation of this share of training fields (default 0: off)")
+        p.add_argument("--head-label-smoothing", type=float, metavar="EPSILON",
+                       help="label smoothing of the phase-4 head alone (default: the backbones' 0.1)")
         p.add_argument("--device")
         p.add_argument("--workers", type=int)
 

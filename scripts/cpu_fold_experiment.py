@@ -48,6 +48,8 @@ def main() -> int:
                         help="draw each class's yellowish- and bluish-background fields equally often")
     parser.add_argument("--look-augment", type=float, default=0.0, metavar="SHARE",
                         help="vary focus and saturation of this share of training fields")
+    parser.add_argument("--head-label-smoothing", type=float, metavar="EPSILON",
+                        help="label smoothing of the phase-4 head alone (default: the backbones' 0.1)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one profile value (JSON), e.g. preprocess.stain_lightness_threshold=200")
     args = parser.parse_args()
@@ -63,6 +65,7 @@ def main() -> int:
                            head_epochs=args.head_epochs, batch_size=args.batch_size, feature_views=1, seed=args.seed,
                            background_augment=args.background_augment,
                            balance_acquisition=args.balance_acquisition, look_augment=args.look_augment,
+                           head_label_smoothing=args.head_label_smoothing,
                            device="cpu", progress=False)
     crossvalidate(data, profile, options, out / "cv", variants=args.variants, folds=5,
                   fold_order=args.fold, log=log)

@@ -44,6 +44,9 @@ class TrainOptions:
     lr: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
+    # phase 4's own; None keeps ``label_smoothing`` (the shipped recipe). 0 keeps the head's top probability
+    # informative for the review threshold (Xia et al., ICLR 2025; MODEL_CARD.md)
+    head_label_smoothing: float | None = None
     feature_views: int = 2  # augmented passes added to the clean one when extracting head-training features
     seed: int = 0
     use_segmentation: bool = True
@@ -325,6 +328,7 @@ def train_head(
     y = torch.as_tensor(train_labels, dtype=torch.int64, device=options.device)
     weights = None if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float64)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
+    smoothing = options.label_smoothing if options.head_label_smoothing is None else options.head_label_smoothing
     batch = 128
     steps_per_epoch = max(1, len(x) // batch)
     total = steps_per_epoch * options.head_epochs
@@ -337,7 +341,7 @@ def train_head(
             selected = head.selection(x[index])
             selected = selected + 0.1 * torch.randn_like(selected)  # feature noise regularises the head
             logits, _ = head.forward_selected(selected)
-            loss = F.cross_entropy(logits, y[index], label_smoothing=options.label_smoothing)
+            loss = F.cross_entropy(logits, y[index], label_smoothing=smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

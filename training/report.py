@@ -204,6 +204,12 @@ def crossfit_calibration(labels: np.ndarray, logits: np.ndarray, fold_ids: np.nd
     }
 
 
+def _head_smoothing(options: dict) -> str:
+    """The head's own label smoothing where a run set one (older runs have no such option)."""
+    value = options.get("head_label_smoothing")
+    return "" if value is None else f" (head {value})"
+
+
 def final_training_seconds(study_dir: Path) -> float | None:
     """Seconds the final model took: ``train_seconds`` in ``final/config.json`` (written since session 5),
     else the first ``phase 4 done at X s`` line of the study log (older studies trained the final model first).
@@ -405,7 +411,8 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
         md.append(f"Final model: profile `{profile.get('name')}`, {options.get('seg_epochs')} segmentation"
                   f" / {options.get('backbone_epochs')} backbone / {options.get('head_epochs')} head epochs, "
                   f"batch {options.get('batch_size')}, lr {options.get('lr')}, label smoothing "
-                  f"{options.get('label_smoothing')}, seed {options.get('seed')}; {profile.get('image_size')} px "
+                  f"{options.get('label_smoothing')}{_head_smoothing(options)}, seed {options.get('seed')}; "
+                  f"{profile.get('image_size')} px "
                   f"network input, CLAHE/multiscale {_on_off(profile.get('preprocess', {}).get('enhance'))}; "
                   f"trained on `{options.get('device')}`.")
         md.append("")
