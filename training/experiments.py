@@ -179,8 +179,10 @@ def crossvalidate(
                 reuse = full_model
             started = time.time()
             log(f"[{split} fold {fold}] training {variant}")
+            # backbone epochs are checkpointed: a fold that an ended session interrupted resumes mid-training
+            run_dir = None if reuse is not None else _fold_run_dir(out_dir, split, fold, variant)
             model = fit_pipeline(data.images[train], data.masks[train], data.mask_ok[train], data.labels[train],
-                                 variant_profile, variant_options, log, reuse=reuse)
+                                 variant_profile, variant_options, log, reuse=reuse, run_dir=run_dir)
             prediction = predict(model, data.images[test], variant_options)
             metrics = classification_metrics(data.labels[test], prediction["probabilities"])
             entry = {"metrics": metrics, "logits": prediction["logits"].tolist(),
@@ -197,6 +199,9 @@ def crossvalidate(
                                          torch.as_tensor(test_masks[ok]).float())
                     entry["segmentation"] = {"dice": dice, "iou": iou, "n": int(ok.sum())}
             fold_results[variant] = entry
+            if run_dir is not None:
+                (run_dir / "backbones.ckpt").unlink(missing_ok=True)
+                run_dir.rmdir()
             log(f"[{split} fold {fold}] {variant}: acc {metrics['accuracy']:.4f} mcc {metrics['mcc']:.4f} "
                 f"auc {metrics['macro_auc']:.4f} ({time.time() - started:.0f}s)")
             _save_json(results_path, results)
@@ -206,6 +211,13 @@ def crossvalidate(
 def full_checkpoint(out_dir: Path, split: str, fold: int) -> Path:
     """Where :func:`crossvalidate` keeps a fold's full model, so head-only ablations can be added later."""
     return out_dir / "models" / f"{split}_fold{fold}_full.pt"
+
+
+def _fold_run_dir(out_dir: Path, split: str, fold: int, variant: str) -> Path:
+    """Where a fold's unfinished training keeps its backbone checkpoint (removed once the fold is scored)."""
+    path = out_dir / "models" / f"{split}_fold{fold}_{variant}_training"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _save_model(model: TrainedModel, path: Path) -> None:

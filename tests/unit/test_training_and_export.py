@@ -349,6 +349,23 @@ def test_crossvalidation_records_variants_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="distinct folds"):
         crossvalidate(data, get_profile("tiny"), options, out, variants=["full"], folds=2, fold_order=[1, 1, 2],
                       log=lambda message: None)
+    assert not list((out / "models").glob("*_training"))  # finished folds leave no training checkpoint
+    # a fold interrupted mid-training (an ended session) resumes from its last backbone epoch
+    class SessionEndedError(Exception):
+        pass
+
+    def stop_at_second_epoch(message: str) -> None:
+        if "backbone epoch 2/2" in message:
+            raise SessionEndedError
+
+    longer, resumed_out = replace(options, backbone_epochs=2), tmp_path / "cv_interrupted"
+    with pytest.raises(SessionEndedError):
+        crossvalidate(data, get_profile("tiny"), longer, resumed_out, variants=["full"], folds=2, max_folds=1,
+                      log=stop_at_second_epoch)
+    messages = []
+    crossvalidate(data, get_profile("tiny"), longer, resumed_out, variants=["full"], folds=2, max_folds=1,
+                  log=messages.append)
+    assert any("backbones resumed" in m and "at epoch 1" in m for m in messages)
     probe = shortcut_probe(data, folds=2)
     assert set(probe) == {"background_colour", "scale_bar_corner", "chance_accuracy"}
 
