@@ -44,9 +44,11 @@ ABLATIONS: dict[str, tuple[dict, dict]] = {
     # label smoothing bounds the head's logits and degrades the ranking the review threshold relies on
     # (Xia et al., ICLR 2025); head-only, so the backbones keep theirs
     "head_no_label_smoothing": ({}, {"head_label_smoothing": 0.0}),
+    # the converse, for a recipe whose head runs without: the head smoothed like the backbones (ε = 0.1)
+    "head_label_smoothing": ({}, {"head_label_smoothing": None}),
 }
 #: Ablations that reuse the full model's segmentation and backbones and retrain only phase 4.
-HEAD_ONLY = {"convnext_only", "nasnet_only", "no_mrmr", "mlp_head", "head_no_label_smoothing"}
+HEAD_ONLY = {"convnext_only", "nasnet_only", "no_mrmr", "mlp_head", "head_no_label_smoothing", "head_label_smoothing"}
 
 
 @dataclass

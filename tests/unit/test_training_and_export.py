@@ -376,8 +376,8 @@ def test_a_study_plan_keeps_the_priority_order_and_only_the_chosen_variants(tmp_
     options = TrainOptions(device="cpu")
     compact, paper = get_profile("compact"), get_profile("paper")
     plan = [(step.variants, step.split, step.max_folds) for step in plan_study(compact, options, tmp_path)]
-    assert plan[0] == (["full", "convnext_only", "nasnet_only", "no_mrmr", "mlp_head", "head_no_label_smoothing"],
-                       "block", 5)
+    assert plan[0] == (["full", "convnext_only", "nasnet_only", "no_mrmr", "mlp_head", "head_no_label_smoothing",
+                        "head_label_smoothing"], "block", 5)
     # the preprocessing ablation switches CLAHE/multiscale away from what the profile does
     assert plan[1] == (["with_clahe_multiscale"], "block", 5) and not compact.preprocess.enhance
     assert plan_study(paper, options, tmp_path)[1].variants == ["no_clahe_multiscale"]
