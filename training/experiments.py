@@ -23,7 +23,15 @@ from preprocessing import fit_field
 from preprocessing.stain import background_colour, corner_box, foreground_mask
 from training.data import Sample, block_folds, block_groups, clean_mask, find_samples, random_folds, read_rgb
 from training.metrics import classification_metrics
-from training.pipeline import TrainedModel, TrainOptions, dice_iou, fit_pipeline, load_trained, predict
+from training.pipeline import (
+    TrainedModel,
+    TrainOptions,
+    dice_iou,
+    fit_pipeline,
+    load_trained,
+    predict,
+    remove_checkpoints,
+)
 
 Log = Callable[[str], None]
 
@@ -188,7 +196,9 @@ def crossvalidate(
             prediction = predict(model, data.images[test], variant_options)
             metrics = classification_metrics(data.labels[test], prediction["probabilities"])
             entry = {"metrics": metrics, "logits": prediction["logits"].tolist(),
-                     "index": np.nonzero(test)[0].tolist(), "seconds": time.time() - started}
+                     "index": np.nonzero(test)[0].tolist(), "seconds": time.time() - started,
+                     # the training alone, the part before an interruption included
+                     "train_seconds": model.history["train_seconds"]}
             if variant == "full" or ABLATIONS[variant][0]:  # the full model and every preprocessing variant
                 entry["shortcut_robustness"] = background_swap_accuracy(model, data, test, variant_options)
             if variant == "full":
@@ -202,7 +212,7 @@ def crossvalidate(
                     entry["segmentation"] = {"dice": dice, "iou": iou, "n": int(ok.sum())}
             fold_results[variant] = entry
             if run_dir is not None:
-                (run_dir / "backbones.ckpt").unlink(missing_ok=True)
+                remove_checkpoints(run_dir)
                 run_dir.rmdir()
             log(f"[{split} fold {fold}] {variant}: acc {metrics['accuracy']:.4f} mcc {metrics['mcc']:.4f} "
                 f"auc {metrics['macro_auc']:.4f} ({time.time() - started:.0f}s)")

@@ -157,6 +157,42 @@ def _cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, tota
         group["lr"] = lr
 
 
+#: What a run directory keeps while its training is unfinished, so an interrupted run resumes where it stopped.
+SEGMENTATION_CHECKPOINT = "segmentation.ckpt"
+BACKBONE_CHECKPOINT = "backbones.ckpt"
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """Drop the resume files of a finished training (the saved model replaces them)."""
+    for name in (SEGMENTATION_CHECKPOINT, BACKBONE_CHECKPOINT):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` through a temporary file, so a run killed mid-write leaves the previous checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+class TrainingClock:
+    """Seconds of training that survive a resume: checkpoints record them, a resumed run continues from them.
+
+    The model card reports how long a recipe takes; a run resumed after an interruption would otherwise
+    count only its last part.
+    """
+
+    def __init__(self) -> None:
+        self._start = time.time()
+
+    def seconds(self) -> float:
+        return time.time() - self._start
+
+    def resume_at(self, seconds: float) -> None:
+        """Continue counting from ``seconds`` (what the interrupted run had spent up to its checkpoint)."""
+        self._start = time.time() - seconds
+
+
 def dice_iou(probability: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     predicted = probability >= 0.5
     target = target >= 0.5
@@ -225,7 +261,7 @@ class BackboneTrainer(nn.Module):
 def train_backbones(
     segmentation: SegmentationStage, images: torch.Tensor, labels: torch.Tensor, profile: Profile,
     options: TrainOptions, log: Log, generator: torch.Generator, checkpoint: Path | None = None,
-    keep: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None, clock: TrainingClock | None = None,
 ) -> FeatureStage:
     """Phase 3: ConvNeXt + NASNet-A from scratch on segmented, augmented fields (drawn by ``sample_weights``)."""
     features = create_model(
@@ -241,6 +277,10 @@ def train_backbones(
         trainer.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
+        if "torch_rng" in state:  # checkpoints before session 12 lack it
+            torch.set_rng_state(state["torch_rng"])
+        if clock is not None and state.get("seconds") is not None:
+            clock.resume_at(state["seconds"])
         start_epoch = state["epoch"]
         log(f"backbones resumed from {checkpoint} at epoch {start_epoch}")
     class_counts = torch.bincount(labels.cpu(), minlength=len(profile.classes)).float()
@@ -274,8 +314,10 @@ def train_backbones(
         log(f"backbone epoch {epoch + 1}/{options.backbone_epochs} loss {running / steps_per_epoch:.4f} "
             f"train-acc {correct / max(seen, 1):.4f}")
         if checkpoint is not None:
-            torch.save({"model": trainer.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "epoch": epoch + 1}, checkpoint)
+            _save_atomically({"model": trainer.state_dict(), "optimizer": optimizer.state_dict(),
+                              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                              "seconds": clock.seconds() if clock is not None else None, "epoch": epoch + 1},
+                             checkpoint)
     features.eval()
     return FeatureStage(features)
 
@@ -363,7 +405,7 @@ def fit_pipeline(
     seed_everything(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
     history: dict = {"options": options.to_dict()}
-    started = time.time()
+    clock = TrainingClock()
     reference = reuse.reference if reuse is not None else fit_stain_reference(
         raw_images[:: max(1, len(raw_images) // 400)], corner_fraction=profile.preprocess.corner_fraction,
         lightness_threshold=profile.preprocess.stain_lightness_threshold)
@@ -382,20 +424,36 @@ def fit_pipeline(
     if reuse is not None:
         segmentation, features = reuse.segmentation, reuse.features
     else:
-        log(f"phase 1: preprocessed {len(pre)} fields in {time.time() - started:.1f}s")
+        log(f"phase 1: preprocessed {len(pre)} fields in {clock.seconds():.1f}s")
         usable = np.nonzero(mask_ok)[0]
         history["segmentation_training_masks"] = {"kept": int(len(usable)), "total": int(len(mask_ok))}
-        mask_tensor = torch.as_tensor(masks[usable].astype(np.uint8)).to(options.device)
-        usable_index = torch.as_tensor(usable).to(options.device)
-        segmentation = train_segmentation(images[usable_index], mask_tensor, profile, options, log, generator,
-                                          keep=None if keep is None else keep[usable_index] | mask_tensor.bool())
+        segmentation_checkpoint = run_dir / SEGMENTATION_CHECKPOINT if run_dir is not None else None
+        if segmentation_checkpoint is not None and segmentation_checkpoint.exists():
+            state = torch.load(segmentation_checkpoint, map_location=options.device, weights_only=False)
+            segmentation = segmentation_stage(profile).to(options.device).to(memory_format=torch.channels_last)
+            segmentation.load_state_dict(state["model"])
+            segmentation.eval()
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            clock.resume_at(state["seconds"])
+            log(f"phase 2 resumed from {segmentation_checkpoint}")
+        else:
+            mask_tensor = torch.as_tensor(masks[usable].astype(np.uint8)).to(options.device)
+            usable_index = torch.as_tensor(usable).to(options.device)
+            segmentation = train_segmentation(images[usable_index], mask_tensor, profile, options, log, generator,
+                                              keep=None if keep is None else keep[usable_index] | mask_tensor.bool())
+            if segmentation_checkpoint is not None:
+                _save_atomically({"model": segmentation.state_dict(), "generator": generator.get_state(),
+                                  "torch_rng": torch.get_rng_state(), "seconds": clock.seconds()},
+                                 segmentation_checkpoint)
         segmentation.use_mask = options.use_segmentation
-        log(f"phase 2 done at {time.time() - started:.1f}s")
+        log(f"phase 2 done at {clock.seconds():.1f}s")
         label_tensor = torch.as_tensor(labels, dtype=torch.int64).to(options.device)
-        checkpoint = run_dir / "backbones.ckpt" if run_dir is not None else None
+        checkpoint = run_dir / BACKBONE_CHECKPOINT if run_dir is not None else None
         features = train_backbones(segmentation, images, label_tensor, profile, options, log, generator, checkpoint,
-                                   keep=keep, sample_weights=None if weights is None else torch.as_tensor(weights))
-        log(f"phase 3 done at {time.time() - started:.1f}s")
+                                   keep=keep, sample_weights=None if weights is None else torch.as_tensor(weights),
+                                   clock=clock)
+        log(f"phase 3 done at {clock.seconds():.1f}s")
     views = [extract_features(segmentation, features, images, 2 * options.batch_size, options.device)]
     for _ in range(options.feature_views):
         views.append(extract_features(segmentation, features, images, 2 * options.batch_size, options.device,
@@ -409,8 +467,8 @@ def fit_pipeline(
                    else np.arange(extractor.convnext_dim, extractor.num_features))
     head = train_head(train_features, train_labels, profile, options, log, generator, columns=columns,
                       clean_rows=len(labels), sample_weights=None if weights is None else np.tile(weights, len(views)))
-    history["train_seconds"] = time.time() - started
-    log(f"phase 4 done at {time.time() - started:.1f}s")
+    history["train_seconds"] = clock.seconds()
+    log(f"phase 4 done at {clock.seconds():.1f}s")
     return TrainedModel(profile, reference, segmentation, features, head, history)
 
 

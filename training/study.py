@@ -15,7 +15,7 @@ import torch
 
 from hybridcn.profiles import Profile, get_profile
 from training.experiments import ABLATIONS, HEAD_ONLY, crossvalidate, load_dataset, shortcut_probe
-from training.pipeline import TrainOptions, fit_pipeline
+from training.pipeline import TrainOptions, fit_pipeline, remove_checkpoints
 
 
 def make_logger(path: Path):
@@ -53,7 +53,7 @@ def train_final(data_dir: str, out_dir: Path, profile: Profile | str, options: T
     config = json.loads(config_path.read_text())
     config["train_seconds"] = model.history["train_seconds"]  # the report's compute section reads it here
     config_path.write_text(json.dumps(config, indent=2))
-    (out_dir / "backbones.ckpt").unlink(missing_ok=True)
+    remove_checkpoints(out_dir)
     log(f"saved {target}")
     return target
 

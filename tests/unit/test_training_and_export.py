@@ -362,10 +362,17 @@ def test_crossvalidation_records_variants_and_resumes(tmp_path):
     with pytest.raises(SessionEndedError):
         crossvalidate(data, get_profile("tiny"), longer, resumed_out, variants=["full"], folds=2, max_folds=1,
                       log=stop_at_second_epoch)
+    training_dir = resumed_out / "models" / "block_fold0_full_training"
+    spent_before = torch.load(training_dir / "backbones.ckpt", weights_only=False)["seconds"]
+    assert (training_dir / "segmentation.ckpt").exists() and spent_before > 0
     messages = []
-    crossvalidate(data, get_profile("tiny"), longer, resumed_out, variants=["full"], folds=2, max_folds=1,
-                  log=messages.append)
+    resumed = crossvalidate(data, get_profile("tiny"), longer, resumed_out, variants=["full"], folds=2, max_folds=1,
+                            log=messages.append)
     assert any("backbones resumed" in m and "at epoch 1" in m for m in messages)
+    # the U-Net is not trained again, and the time reported includes what was spent before the interruption
+    assert any("phase 2 resumed" in m for m in messages) and not any("segmentation epoch" in m for m in messages)
+    assert resumed["folds"]["0"]["full"]["train_seconds"] > spent_before
+    assert not training_dir.exists()
     probe = shortcut_probe(data, folds=2)
     assert set(probe) == {"background_colour", "scale_bar_corner", "chance_accuracy"}
 
