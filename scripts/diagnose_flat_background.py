@@ -8,7 +8,9 @@ of the as-is computation put back: the as-is field's z-score statistics (is the 
 route?), and the as-is field's U-Net mask (is the mask?). Then the other order: the background painted
 after phase 1, so the cells' pixels are exactly the as-is ones (does phase 1 move the cells when the
 background changes, through the foreground statistics of Reinhard's normalisation?), with how far
-phase 1 moves the cells' pixels. Prints JSON.
+phase 1 moves the cells' pixels. Last, the backbones fed through a hard mask (U-Net probability >= 0.5)
+instead of the soft one, as is and flat, with no retraining: does the background reach the backbones
+through the soft mask's small values? Prints JSON.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def accuracy(model: TrainedModel, field: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor],
-             labels: np.ndarray, mask_input: torch.Tensor | None = None) -> float:
+             labels: np.ndarray, mask_input: torch.Tensor | None = None, *, hard_mask: bool = False) -> float:
     """The served stages by hand: z-score with ``stats``, the U-Net on ``mask_input`` (default: this field)."""
     normalized = (field - stats[0]) / stats[1]
     logits, _ = model.segmentation.mask_logits(normalized if mask_input is None else mask_input)
-    features = model.features(segmented_input(normalized, torch.sigmoid(logits)).contiguous(
+    probability = torch.sigmoid(logits)
+    if hard_mask:
+        probability = (probability >= 0.5).float()
+    features = model.features(segmented_input(normalized, probability).contiguous(
         memory_format=torch.channels_last))
     predicted = model.head.head(features)[0].argmax(1).numpy()
     return float((predicted == labels).mean())
@@ -83,6 +88,10 @@ def main() -> int:
         "flat_with_as_is_zscore_stats_and_mask": accuracy(model, flattened, as_is_stats, labels, as_is_normalized),
         "flat_painted_after_phase1": accuracy(model, painted_after, channel_stats(painted_after), labels),
         "phase1_cell_pixel_shift": float((flattened - as_is).abs()[cells].mean()),
+        "as_is_hard_mask": accuracy(model, as_is, as_is_stats, labels, hard_mask=True),
+        "flat_hard_mask": accuracy(model, flattened, channel_stats(flattened), labels, hard_mask=True),
+        "flat_painted_after_phase1_hard_mask": accuracy(model, painted_after, channel_stats(painted_after), labels,
+                                                        hard_mask=True),
     }
     print(json.dumps(result, indent=2))
     return 0
