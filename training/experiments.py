@@ -31,6 +31,7 @@ from training.pipeline import (
     load_trained,
     predict,
     remove_checkpoints,
+    save_atomically,
 )
 
 Log = Callable[[str], None]
@@ -234,9 +235,7 @@ def _fold_run_dir(out_dir: Path, split: str, fold: int, variant: str) -> Path:
 
 def _save_model(model: TrainedModel, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dicts(), tmp)
-    tmp.replace(path)
+    save_atomically(model.state_dicts(), path)
 
 
 def _fold_full_model(data: Dataset, profile: Profile, options: TrainOptions, out_dir: Path, split: str, fold: int,

@@ -168,7 +168,7 @@ def remove_checkpoints(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def _save_atomically(state: dict, path: Path) -> None:
+def save_atomically(state: dict, path: Path) -> None:
     """``torch.save`` through a temporary file, so a run killed mid-write leaves the previous checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -314,7 +314,7 @@ def train_backbones(
         log(f"backbone epoch {epoch + 1}/{options.backbone_epochs} loss {running / steps_per_epoch:.4f} "
             f"train-acc {correct / max(seen, 1):.4f}")
         if checkpoint is not None:
-            _save_atomically({"model": trainer.state_dict(), "optimizer": optimizer.state_dict(),
+            save_atomically({"model": trainer.state_dict(), "optimizer": optimizer.state_dict(),
                               "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                               "seconds": clock.seconds() if clock is not None else None, "epoch": epoch + 1},
                              checkpoint)
@@ -443,7 +443,7 @@ def fit_pipeline(
             segmentation = train_segmentation(images[usable_index], mask_tensor, profile, options, log, generator,
                                               keep=None if keep is None else keep[usable_index] | mask_tensor.bool())
             if segmentation_checkpoint is not None:
-                _save_atomically({"model": segmentation.state_dict(), "generator": generator.get_state(),
+                save_atomically({"model": segmentation.state_dict(), "generator": generator.get_state(),
                                   "torch_rng": torch.get_rng_state(), "seconds": clock.seconds()},
                                  segmentation_checkpoint)
         segmentation.use_mask = options.use_segmentation
