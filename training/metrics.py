@@ -80,6 +80,21 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, *,
     return float(error)
 
 
+def error_detection_auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """How well the top-class confidence ranks the model's own errors below its correct answers.
+
+    The misclassification-detection measure of Hendrycks & Gimpel (ICLR 2017): the AUROC of the
+    confidence for "correct" against "wrong". 1.0 puts every error below every correct field, 0.5 is
+    chance. A review threshold can only triage as well as this ranking allows. NaN when there is no
+    error, or nothing correct, to rank.
+    """
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    if correct.all() or not correct.any():
+        return float("nan")
+    return float(roc_auc_score(correct, confidence))
+
+
 def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, *, bins: int = 10) -> dict[str, list[float]]:
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels

@@ -24,6 +24,7 @@ from hybridcn.profiles import CLASS_NAMES
 from training.metrics import (
     bootstrap_intervals,
     classification_metrics,
+    error_detection_auroc,
     expected_calibration_error,
     fit_temperature,
     reliability_curve,
@@ -202,6 +203,39 @@ def crossfit_calibration(labels: np.ndarray, logits: np.ndarray, fold_ids: np.nd
         "accepted_precision": float(correct[accepted].mean()) if accepted.any() else float("nan"),
         "review_fraction": float(1 - accepted.mean()),
     }
+
+
+def triage_section(variants: Variants) -> list[str]:
+    """Markdown comparing how well each variant's confidence triages its own errors.
+
+    Accuracy alone hides this: two heads can make the same errors and rank them very differently
+    (label smoothing, for one, squeezes every confident field to the same top probability). Each
+    variant gets its own temperature and review threshold, fitted as for the shipped model.
+    """
+    rows = []
+    for name, folds in variants.items():
+        if len(folds) < 2:
+            continue
+        labels, logits, fold_ids = pool(folds)
+        temperature = fit_temperature(labels, logits)
+        calibrated = softmax(logits / temperature)
+        review = review_threshold(labels, calibrated, target_precision=TARGET_PRECISION)
+        crossfit = crossfit_calibration(labels, logits, fold_ids)
+        accuracy = float((calibrated.argmax(axis=1) == labels).mean())
+        rows.append([name, ", ".join(map(str, folds)), _num(accuracy), f"{temperature:.3f}",
+                     _num(error_detection_auroc(labels, calibrated), 3), _pct(review["review_fraction"], 1),
+                     f"{_num(crossfit['accepted_precision'])} / {_pct(crossfit['review_fraction'], 1)}"])
+    if not rows:
+        return []
+    md = ["### Triage by variant", ""]
+    md.append("Error-detection AUROC (Hendrycks & Gimpel 2017): how well the calibrated top probability ranks a "
+              f"variant's errors below its correct fields (1 = perfectly, 0.5 = chance). \"To review\" is the share "
+              f"the review threshold holds back for auto-accepted precision ≥ {TARGET_PRECISION}; the last column fits "
+              "T and the threshold leaving each fold out and scores that fold.")
+    md.append("")
+    md += [_table(["Variant", "Folds", "Accuracy", "T", "Error-detection AUROC", "To review",
+                   "Leave-one-fold-out: precision / to review"], rows), ""]
+    return md
 
 
 def _head_smoothing(options: dict) -> str:
@@ -478,6 +512,7 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
                   "left out.")
         md.append("")
     md += ["![reliability diagram](reliability.png)", ""]
+    md += triage_section(variants)
 
     # 3. ablations
     md += ["## 3. Ablations (paired with the full model on the same folds)", ""]

@@ -104,6 +104,10 @@ def test_write_report_writes_tables_plots_and_calibration(tmp_path: Path) -> Non
     assert "| mlp_head | 0, 1 | 16 |" in results  # two folds of 40 fields, blocks of 5
     assert "| 0 | 40 | 0.8500 | 0.7400 |" in results
     assert "210 s" in results or "211 s" in results
+    # full (3 folds) and mlp_head (2 folds) are triaged; no_mrmr has one fold, too few to leave one out
+    triage = results.split("### Triage by variant")[1].split("\n## ")[0]
+    assert "| full | 0, 1, 2 |" in triage and "| mlp_head | 0, 1 |" in triage
+    assert "no_mrmr" not in triage
 
 
 def test_the_archived_inputs_reproduce_the_report(tmp_path: Path) -> None:

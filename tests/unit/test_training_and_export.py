@@ -15,7 +15,13 @@ from export.runtime import OnnxEnsemble
 from hybridcn.profiles import get_profile
 from hybridcn.synth import synth_field, write_dataset
 from training.data import block_folds, canonical_class, clean_mask, find_samples, random_folds
-from training.metrics import classification_metrics, fit_temperature, review_threshold, softmax
+from training.metrics import (
+    classification_metrics,
+    error_detection_auroc,
+    fit_temperature,
+    review_threshold,
+    softmax,
+)
 from training.mrmr import mrmr_select
 from training.pipeline import TrainOptions, fit_pipeline, load_trained, predict
 
@@ -277,6 +283,18 @@ def test_metrics_calibration_and_review_threshold():
     assert fit_temperature(labels, logits * 10) > 1  # overconfident logits get a temperature above 1
     decision = review_threshold(labels, softmax(logits), target_precision=0.99)
     assert decision["accepted_precision"] >= 0.99 and 0 <= decision["review_fraction"] <= 1
+
+
+def test_error_detection_auroc_ranks_errors_by_confidence():
+    labels = np.array([0, 0, 0, 0])
+    # two right answers at 0.9 and 0.8, two wrong ones at 0.7 and 0.6: every error ranks below
+    probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    assert error_detection_auroc(labels, probabilities) == 1.0
+    # a right answer at 0.65 ranks below the error at 0.7: 3 of the 4 (right, wrong) pairs in order
+    probabilities[0] = [0.65, 0.35]
+    assert error_detection_auroc(labels, probabilities) == 0.75
+    # nothing to rank without both kinds
+    assert np.isnan(error_detection_auroc(labels, np.array([[0.9, 0.1]] * 4)))
 
 
 def test_shipped_repository_is_complete_and_parses():
