@@ -26,11 +26,19 @@ class SegmentationConfig:
     block fold 0 after 4 CPU epochs: 0.864 at 2 vs 0.877 at 1, trained in 129 vs 487 s
     (``scripts/segmentation_scale_experiment.py``). The compact profile now runs on 112 px fields, where
     the U-Net at scale 1 costs what it cost at scale 2 on 224 px, so it stays at 1.
+
+    ``hard_gate``: feed the backbones the field where the mask says "cell" (probability >= 0.5) and
+    exact zeros elsewhere, instead of the field times the soft probability. The soft mask lets the
+    background's texture through at small weight, and the trained backbones read it (a flat background
+    costs the shipped model about 12 points; ``scripts/diagnose_flat_background.py``). Off in both
+    profiles until a trial shows it keeps accuracy; the gate has no gradient, which phase 3 does not
+    need (the U-Net is trained in phase 2 and frozen after).
     """
 
     base_width: int = 8
     depth: int = 4
     input_scale: int = 1
+    hard_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.input_scale < 1:

@@ -28,8 +28,14 @@ def uint8_to_normalized(image: torch.Tensor) -> torch.Tensor:
     return zscore_image(image.permute(0, 3, 1, 2).to(torch.float32))
 
 
-def segmented_input(normalized: torch.Tensor, mask_probability: torch.Tensor) -> torch.Tensor:
-    """The backbones' input: the normalised field with everything but the cells faded to zero."""
+def segmented_input(normalized: torch.Tensor, mask_probability: torch.Tensor, *, hard: bool = False) -> torch.Tensor:
+    """The backbones' input: the normalised field with everything but the cells faded to zero.
+
+    ``hard`` zeroes the non-cell pixels outright (mask probability below 0.5) instead of weighting
+    every pixel by its probability; see ``SegmentationConfig.hard_gate``.
+    """
+    if hard:
+        return normalized * (mask_probability >= 0.5).to(normalized.dtype)
     return normalized * mask_probability
 
 
@@ -45,11 +51,13 @@ class SegmentationStage(nn.Module):
     ``SegmentationConfig``); the mask logits are upsampled to the field before the sigmoid.
     """
 
-    def __init__(self, unet: AttentionUNet, *, use_mask: bool = True, input_scale: int = 1) -> None:
+    def __init__(self, unet: AttentionUNet, *, use_mask: bool = True, input_scale: int = 1,
+                 hard_gate: bool = False) -> None:
         super().__init__()
         self.unet = unet
         self.use_mask = use_mask
         self.input_scale = input_scale
+        self.hard_gate = hard_gate
 
     def mask_logits(self, normalized: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """U-Net mask logits at the field's size, and its gate maps; what phase 2 trains."""
@@ -63,14 +71,15 @@ class SegmentationStage(nn.Module):
         logits, gates = self.mask_logits(normalized)
         probability = torch.sigmoid(logits)
         attention = F.interpolate(gates[-1], size=normalized.shape[-2:], mode="bilinear", align_corners=False)
-        segmented = segmented_input(normalized, probability) if self.use_mask else normalized
+        segmented = segmented_input(normalized, probability, hard=self.hard_gate) if self.use_mask else normalized
         return to_uint8_map(probability[:, 0]), to_uint8_map(attention[:, 0]), segmented
 
 
 def segmentation_stage(profile, *, use_mask: bool = True) -> SegmentationStage:
     """The profile's Attention U-Net wrapped as the served first stage."""
     return SegmentationStage(create_model("attention_unet", profile), use_mask=use_mask,
-                             input_scale=profile.segmentation.input_scale)
+                             input_scale=profile.segmentation.input_scale,
+                             hard_gate=profile.segmentation.hard_gate)
 
 
 class FeatureStage(nn.Module):

@@ -46,9 +46,7 @@ def accuracy(model: TrainedModel, field: torch.Tensor, stats: tuple[torch.Tensor
     normalized = (field - stats[0]) / stats[1]
     logits, _ = model.segmentation.mask_logits(normalized if mask_input is None else mask_input)
     probability = torch.sigmoid(logits)
-    if hard_mask:
-        probability = (probability >= 0.5).float()
-    features = model.features(segmented_input(normalized, probability).contiguous(
+    features = model.features(segmented_input(normalized, probability, hard=hard_mask).contiguous(
         memory_format=torch.channels_last))
     predicted = model.head.head(features)[0].argmax(1).numpy()
     return float((predicted == labels).mean())

@@ -8,7 +8,7 @@ import torch
 
 from hybridcn.profiles import CLASS_NAMES, PROFILES, Profile, get_profile
 from models import FeatureStage, HeadStage, create_model, list_models, segmentation_stage
-from models.stages import uint8_to_normalized
+from models.stages import segmented_input, uint8_to_normalized
 from preprocessing.normalize import zscore
 
 
@@ -91,6 +91,24 @@ def test_stages_take_uint8_and_name_their_outputs(tiny):
     assert attention.dtype == torch.uint8 and segmented.shape == (2, 3, 64, 64)
     np.testing.assert_allclose(probabilities.sum(1).numpy(), 1.0, atol=1e-5)
     assert feature_attention.shape == (2, tiny.head.tokens)
+
+
+def test_hard_gate_zeroes_the_background_and_keeps_the_cells(tiny):
+    normalized = torch.randn(1, 3, 4, 4)
+    probability = torch.full((1, 1, 4, 4), 0.2)
+    probability[..., :2, :] = 0.7  # the top half is "cell"
+    soft = segmented_input(normalized, probability)
+    hard = segmented_input(normalized, probability, hard=True)
+    assert torch.equal(hard[..., :2, :], normalized[..., :2, :]) and torch.all(hard[..., 2:, :] == 0)
+    assert torch.allclose(soft, normalized * probability)
+    # the profile switch reaches the served stage: nothing but the cells gets through
+    gated = segmentation_stage(tiny.with_overrides(["segmentation.hard_gate=true"])).eval()
+    assert gated.hard_gate and not segmentation_stage(tiny).hard_gate
+    image = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        mask, _, segmented = gated(image)
+    background = (mask < 128).unsqueeze(1).expand_as(segmented)  # mask is the probability as uint8
+    assert torch.all(segmented[background] == 0)
 
 
 def test_profile_overrides_change_one_field_and_refuse_unknown_ones():
