@@ -85,8 +85,9 @@ def error_detection_auroc(labels: np.ndarray, probabilities: np.ndarray) -> floa
 
     The misclassification-detection measure of Hendrycks & Gimpel (ICLR 2017): the AUROC of the
     confidence for "correct" against "wrong". 1.0 puts every error below every correct field, 0.5 is
-    chance. A review threshold can only triage as well as this ranking allows. NaN when there is no
-    error, or nothing correct, to rank.
+    chance. It summarises the ranking at every depth; a review threshold needs it good near its own
+    operating point (the most confident ~90%), so read it next to the share sent to review. NaN when
+    there is no error, or nothing correct, to rank.
     """
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
