@@ -96,6 +96,10 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_json_dict(self) -> dict[str, Any]:
+        """``to_dict`` as it reads back from a run's JSON (tuples as lists): the form to compare runs in."""
+        return json.loads(json.dumps(self.to_dict()))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Profile:
         return cls(

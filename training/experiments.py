@@ -146,13 +146,13 @@ def crossvalidate(
     results_path = out_dir / f"cv_{split}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"split": split, "folds": {}}
     setup = json.loads(json.dumps({  # as it reads back from the file
-        "profile": profile.to_dict(),
+        "profile": profile.to_json_dict(),
         "options": {k: v for k, v in options.to_dict().items() if k not in ("device", "workers", "progress")}}))
     stored = results.setdefault("setup", setup)
     # an option or profile field added after a fold was trained had its default value then
     defaults = json.loads(json.dumps(TrainOptions().to_dict()))
     try:
-        stored_profile = json.loads(json.dumps(Profile.from_dict(stored["profile"]).to_dict()))
+        stored_profile = Profile.from_dict(stored["profile"]).to_json_dict()
     except (KeyError, TypeError):  # a field since removed or renamed
         stored_profile = stored["profile"]
     if (stored_profile != setup["profile"]

@@ -30,11 +30,6 @@ def make_logger(path: Path):
     return log
 
 
-def _as_json(profile: Profile) -> dict:
-    """The profile as it reads back from a run's config.json (tuples as lists)."""
-    return json.loads(json.dumps(profile.to_dict()))
-
-
 def train_final(data_dir: str, out_dir: Path, profile: Profile | str, options: TrainOptions, *,
                 masks_file: str | None = None, log=print, data=None) -> Path:
     """Train on every field of ``data_dir``; writes ``out_dir/model.pt`` and ``config.json`` (resumable)."""
@@ -44,7 +39,7 @@ def train_final(data_dir: str, out_dir: Path, profile: Profile | str, options: T
     if config_path.exists():
         # read through from_dict: a run written before a profile field existed gets that field's default
         saved = Profile.from_dict(json.loads(config_path.read_text())["profile"])
-        if _as_json(saved) != _as_json(profile):
+        if saved.to_json_dict() != profile.to_json_dict():
             raise ValueError(f"{out_dir} holds a run of another profile; resume it with the same one "
                              "or use another --out")
     target = out_dir / "model.pt"
