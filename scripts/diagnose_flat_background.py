@@ -8,8 +8,9 @@ of the as-is computation put back: the as-is field's z-score statistics (is the 
 route?), and the as-is field's U-Net mask (is the mask?). Then the other order: the background painted
 after phase 1, so the cells' pixels are exactly the as-is ones (does phase 1 move the cells when the
 background changes, through the foreground statistics of Reinhard's normalisation?), with how far
-phase 1 moves the cells' pixels. Last, the backbones fed through a hard mask (U-Net probability >= 0.5)
-instead of the soft one, as is and flat, with no retraining: does the background reach the backbones
+phase 1 moves the cells' pixels. Every row feeds the backbones through the gate the model was trained
+with (``segmentation.hard_gate``: soft mask, or exact zeros off the cells). Last, the same model through
+the other gate, with no retraining: for a soft-gated model, does the background reach the backbones
 through the soft mask's small values? Prints JSON.
 """
 
@@ -41,8 +42,13 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def accuracy(model: TrainedModel, field: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor],
-             labels: np.ndarray, mask_input: torch.Tensor | None = None, *, hard_mask: bool = False) -> float:
-    """The served stages by hand: z-score with ``stats``, the U-Net on ``mask_input`` (default: this field)."""
+             labels: np.ndarray, mask_input: torch.Tensor | None = None, *, hard_mask: bool | None = None) -> float:
+    """The served stages by hand: z-score with ``stats``, the U-Net on ``mask_input`` (default: this field).
+
+    ``hard_mask`` overrides the gate the model was trained with.
+    """
+    if hard_mask is None:
+        hard_mask = model.profile.segmentation.hard_gate
     normalized = (field - stats[0]) / stats[1]
     logits, _ = model.segmentation.mask_logits(normalized if mask_input is None else mask_input)
     probability = torch.sigmoid(logits)
@@ -77,8 +83,10 @@ def main() -> int:
     as_is_normalized = (as_is - as_is_stats[0]) / as_is_stats[1]
     cells = torch.as_tensor(~background)[:, None].expand_as(as_is)
     painted_after = torch.where(cells, as_is, flattened)  # as-is cells, the flat field's background
+    trained_hard = model.profile.segmentation.hard_gate
+    other = not trained_hard
     result = {
-        "fold": args.fold, "fields": int(held_out.sum()),
+        "fold": args.fold, "fields": int(held_out.sum()), "gate": "hard" if trained_hard else "soft",
         "as_is": accuracy(model, as_is, as_is_stats, labels),
         "flat": accuracy(model, flattened, channel_stats(flattened), labels),
         "flat_with_as_is_zscore_stats": accuracy(model, flattened, as_is_stats, labels),
@@ -86,10 +94,10 @@ def main() -> int:
         "flat_with_as_is_zscore_stats_and_mask": accuracy(model, flattened, as_is_stats, labels, as_is_normalized),
         "flat_painted_after_phase1": accuracy(model, painted_after, channel_stats(painted_after), labels),
         "phase1_cell_pixel_shift": float((flattened - as_is).abs()[cells].mean()),
-        "as_is_hard_mask": accuracy(model, as_is, as_is_stats, labels, hard_mask=True),
-        "flat_hard_mask": accuracy(model, flattened, channel_stats(flattened), labels, hard_mask=True),
-        "flat_painted_after_phase1_hard_mask": accuracy(model, painted_after, channel_stats(painted_after), labels,
-                                                        hard_mask=True),
+        "as_is_other_gate": accuracy(model, as_is, as_is_stats, labels, hard_mask=other),
+        "flat_other_gate": accuracy(model, flattened, channel_stats(flattened), labels, hard_mask=other),
+        "flat_painted_after_phase1_other_gate": accuracy(model, painted_after, channel_stats(painted_after), labels,
+                                                         hard_mask=other),
     }
     print(json.dumps(result, indent=2))
     return 0
