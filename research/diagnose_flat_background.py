@@ -1,6 +1,6 @@
 """Why does a flat background cost accuracy? Held-out fields of one CV fold, its stored full model (CPU).
 
-    .venv/bin/python scripts/diagnose_flat_background.py --data DATA --study runs/cpu112 --fold 0
+    .venv/bin/python research/diagnose_flat_background.py --data DATA --study runs/cpu112 --fold 0
 
 The fold's full model (``STUDY/cv/models/block_fold{K}_full.pt``, kept by ``hybridcn study``) scores its
 held-out fields as they are and with the background painted one flat neutral colour, then with parts

@@ -1,6 +1,6 @@
 """Would test-time augmentation help? Each CV fold's stored full model scores its held-out fields (CPU).
 
-    .venv/bin/python scripts/tta_experiment.py --data DATA --study runs/cpu112e24
+    .venv/bin/python research/tta_experiment.py --data DATA --study runs/cpu112e24
 
 A blood-smear field has no preferred orientation, so the eight symmetries of the square (flips and
 90-degree rotations, the dihedral group D4) are all equally valid views of it; training augments

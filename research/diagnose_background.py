@@ -1,6 +1,6 @@
 """Where does a field's background reach the shipped model? A diagnosis on labelled fields (CPU, ~2 min).
 
-    .venv/bin/python scripts/diagnose_background.py --data DATA [--fields 400] > background.json
+    .venv/bin/python research/diagnose_background.py --data DATA [--fields 400] > background.json
 
 1. Preprocessing alone: recolour each field's background (non-stained pixels, texture kept) to another
    class's median background and measure how much the *cell* pixels change after each phase-1 step.
@@ -23,8 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.model import ServedModel  # noqa: E402
 from export.runtime import OnnxEnsemble  # noqa: E402
-from gateway.service import ServedModel  # noqa: E402
 from preprocessing import fit_field  # noqa: E402
 from preprocessing.contrast import clahe_lightness, multiscale_enhance  # noqa: E402
 from preprocessing.pipeline import enhance_field  # noqa: E402

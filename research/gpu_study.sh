@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The study as run on a lent GPU machine (no network there; the machine's own torch/timm/opencv).
 # Data travels packed in .gpu/: Original/ JPEGs and the cleaned mask cache from `hybridcn masks`.
-# Usage: scripts/gpu_study.sh DATA_DIR MASKS OUT_DIR MINUTES [extra study flags]
+# Usage: research/gpu_study.sh DATA_DIR MASKS OUT_DIR MINUTES [extra study flags]
 # e.g. the compact profile's ablations over 5 folds with the shipped recipe (a fresh OUT, then `hybridcn report`):
-#   scripts/gpu_study.sh .gpu/data .gpu/masks.npz $OUT 11 --seg-epochs 4 --backbone-epochs 24 --head-epochs 40 \
+#   research/gpu_study.sh .gpu/data .gpu/masks.npz $OUT 11 --seg-epochs 4 --backbone-epochs 24 --head-epochs 40 \
 #       --batch-size 32 --feature-views 1 --paper-fold
 # A later --profile paper overrides the compact default.
 set -u

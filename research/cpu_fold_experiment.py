@@ -1,6 +1,6 @@
 """Compare study variants on one block fold on a CPU, at a reduced field size (a relative comparison).
 
-    .venv/bin/python scripts/cpu_fold_experiment.py --data DATA --out runs/bgexp \\
+    .venv/bin/python research/cpu_fold_experiment.py --data DATA --out runs/bgexp \\
         --variants full with_clahe_multiscale --size 112 --backbone-epochs 10
 
 Trains each variant (names from ``training.experiments.ABLATIONS``) with the compact networks at

@@ -1,6 +1,6 @@
 """Attention U-Net on the full field vs on the field pooled by ``SegmentationConfig.input_scale`` (CPU).
 
-    .venv/bin/python scripts/segmentation_scale_experiment.py --data DATA --epochs 4 > segscale.json
+    .venv/bin/python research/segmentation_scale_experiment.py --data DATA --epochs 4 > segscale.json
 
 Phase 2 only, ``--size`` px fields (224 reproduces the numbers in ``SegmentationConfig``), trained on
 block folds 1-4 of 5 with the same schedule for every scale, scored on fold 0's cleaned masks (Dice/IoU),

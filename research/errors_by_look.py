@@ -1,6 +1,6 @@
 """Where do a study's out-of-fold errors fall? Per class, per acquisition look and per block (CPU, ~1 min).
 
-    .venv/bin/python scripts/errors_by_look.py --data DATA --study runs/cpu112e24 [--variant full] [--fold K ...]
+    .venv/bin/python research/errors_by_look.py --data DATA --study runs/cpu112e24 [--variant full] [--fold K ...]
 
 The look is :func:`training.data.white_balance_groups` of each field (yellowish or bluish background);
 the blocks are the patient stand-ins of the block split. Reads the stored out-of-fold logits
