@@ -21,19 +21,23 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from hybridcn.profiles import CLASS_NAMES
+from training.calibration import (
+    TARGET_PRECISION,
+    Calibration,
+    crossfit_calibration,
+    fit_calibration,
+    write_calibration,
+)
 from training.metrics import (
     bootstrap_intervals,
     classification_metrics,
     error_detection_auroc,
     expected_calibration_error,
-    fit_temperature,
     reliability_curve,
-    review_threshold,
     softmax,
 )
 from training.stats import PairedTest, format_pvalue, paired_tests, wilcoxon_min_pvalue
 
-TARGET_PRECISION = 0.995
 SUMMARY_KEYS = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"),
                 ("macro_auc", "Macro AUC (one-vs-rest)"), ("mcc", "MCC"))
 PAIRED_KEYS = (("accuracy", "Accuracy"), ("mcc", "MCC"), ("macro_auc", "AUC"))
@@ -178,33 +182,6 @@ def pool(folds: dict[int, FoldResult]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return labels, logits, fold_ids
 
 
-def crossfit_calibration(labels: np.ndarray, logits: np.ndarray, fold_ids: np.ndarray) -> dict | None:
-    """Leave-one-fold-out temperature and review threshold, scored on the fold left out.
-
-    The headline temperature is fitted on the same OOF data it is judged on, which flatters it; this
-    fits on the other folds only, so the ECE and precision here are what a new fold would see.
-    """
-    folds = np.unique(fold_ids)
-    if len(folds) < 2:
-        return None
-    calibrated = np.empty_like(logits)
-    accepted = np.zeros(len(labels), bool)
-    for fold in folds:
-        test = fold_ids == fold
-        temperature = fit_temperature(labels[~test], logits[~test])
-        train_probabilities = softmax(logits[~test] / temperature)
-        threshold = review_threshold(labels[~test], train_probabilities, target_precision=TARGET_PRECISION)
-        calibrated[test] = logits[test] / temperature
-        accepted[test] = softmax(calibrated[test]).max(axis=1) >= threshold["threshold"]
-    probabilities = softmax(calibrated)
-    correct = probabilities.argmax(axis=1) == labels
-    return {
-        "ece": expected_calibration_error(labels, probabilities),
-        "accepted_precision": float(correct[accepted].mean()) if accepted.any() else float("nan"),
-        "review_fraction": float(1 - accepted.mean()),
-    }
-
-
 def triage_section(variants: Variants) -> list[str]:
     """Markdown comparing how well each variant's confidence triages its own errors.
 
@@ -217,13 +194,13 @@ def triage_section(variants: Variants) -> list[str]:
         if len(folds) < 2:
             continue
         labels, logits, fold_ids = pool(folds)
-        temperature = fit_temperature(labels, logits)
-        calibrated = softmax(logits / temperature)
-        review = review_threshold(labels, calibrated, target_precision=TARGET_PRECISION)
+        calibration = fit_calibration(labels, logits)
+        calibrated = calibration.probabilities
         crossfit = crossfit_calibration(labels, logits, fold_ids)
         accuracy = float((calibrated.argmax(axis=1) == labels).mean())
-        rows.append([name, ", ".join(map(str, folds)), _num(accuracy), f"{temperature:.3f}",
-                     _num(error_detection_auroc(labels, calibrated), 3), _pct(review["review_fraction"], 1),
+        rows.append([name, ", ".join(map(str, folds)), _num(accuracy), f"{calibration.temperature:.3f}",
+                     _num(error_detection_auroc(labels, calibrated), 3),
+                     _pct(calibration.review["review_fraction"], 1),
                      f"{_num(crossfit['accepted_precision'])} / {_pct(crossfit['review_fraction'], 1)}"])
     if not rows:
         return []
@@ -245,8 +222,9 @@ def _head_smoothing(options: dict) -> str:
 
 
 def final_training_seconds(study_dir: Path) -> float | None:
-    """Seconds the final model took: ``train_seconds`` in ``final/config.json`` (written since session 5),
-    else the first ``phase 4 done at X s`` line of the study log (older studies trained the final model first).
+    """Seconds the final model took: ``train_seconds`` in ``final/config.json``, else the first
+    ``phase 4 done at X s`` line of the study log (a config without ``train_seconds`` comes from a study that
+    trained the final model first, so that line is the final model's).
     None without a final model: a fold trial's log has the same lines, and they are not the final model's.
     """
     config_path = study_dir / "final" / "config.json"
@@ -276,19 +254,6 @@ def _cv_vs_final(cv_path: Path, final_config_path: Path) -> str:
 
 def _on_off(flag: bool | None) -> str:
     return "n/a" if flag is None else ("on" if flag else "off")
-
-
-def _clean(value):
-    """JSON-safe copy: NaN becomes null, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -410,30 +375,57 @@ def archive_inputs(study_dir: Path, archive_dir: Path) -> list[str]:
     return copied
 
 
-def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 1000,
-                 baseline: Path | None = None) -> str:
-    """Write ``docs_dir/results.md`` with plots and ``study_dir/final/calibration.json``; return a summary.
+@dataclass(frozen=True)
+class OutOfFold:
+    """The full model's held-out predictions pooled over the folds it finished, with their metrics.
 
-    The inputs are archived into ``docs_dir/study`` (:func:`archive_inputs`).
-
-    ``baseline`` (another study of the same fields and folds) adds a paired comparison with its full model.
+    Every section of the report and ``calibration.json`` read the same pooled numbers, computed once here.
     """
-    study_dir, docs_dir = Path(study_dir), Path(docs_dir)
-    block_path = study_dir / "cv" / "cv_block.json"
+
+    folds: dict[int, FoldResult]
+    n_folds: int
+    labels: np.ndarray
+    logits: np.ndarray
+    fold_ids: np.ndarray
+    probabilities: np.ndarray  # softmax of the logits, no temperature
+    metrics: dict
+    intervals: dict[str, list[float]]
+    bootstrap_rounds: int
+
+    @property
+    def fold_list(self) -> list[int]:
+        return list(self.folds)
+
+    @property
+    def folds_text(self) -> str:
+        return _folds_text(self.fold_list, self.n_folds)
+
+
+def load_block_cv(block_path: Path) -> tuple[Variants, int]:
+    """The block split's variants and fold count; raises if there is nothing to report on."""
     loaded = load_cv(block_path)
     if loaded is None:
         raise FileNotFoundError(f"no block cross-validation results at {block_path}")
     variants, n_folds = loaded
     if "full" not in variants:
         raise ValueError(f"no fold in {block_path} has a completed 'full' entry")
-    docs_dir.mkdir(parents=True, exist_ok=True)
-    full = variants["full"]
-    full_folds = list(full)
-    labels, logits, fold_ids = pool(full)
-    raw = softmax(logits)
-    oof = classification_metrics(labels, raw)
-    intervals = bootstrap_intervals(labels, raw, rounds=bootstrap_rounds)
+    return variants, n_folds
 
+
+def pool_full_model(full: dict[int, FoldResult], n_folds: int, bootstrap_rounds: int) -> OutOfFold:
+    """Pool the full model's folds and compute the OOF metrics and their bootstrap intervals."""
+    labels, logits, fold_ids = pool(full)
+    probabilities = softmax(logits)
+    return OutOfFold(
+        folds=full, n_folds=n_folds, labels=labels, logits=logits, fold_ids=fold_ids, probabilities=probabilities,
+        metrics=classification_metrics(labels, probabilities),
+        intervals=bootstrap_intervals(labels, probabilities, rounds=bootstrap_rounds),
+        bootstrap_rounds=bootstrap_rounds,
+    )
+
+
+def _header_section(study_dir: Path) -> list[str]:
+    """Title, where the numbers come from, and the final model's recipe (from ``final/config.json``)."""
     md: list[str] = [f"# Study results: `{study_dir.name}`", ""]
     md.append("Written by `hybridcn report`. All numbers are computed from the stored out-of-fold (OOF) "
               "logits; a fold the time budget did not finish is left out, never filled in.")
@@ -450,55 +442,56 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
                   f"network input, CLAHE/multiscale {_on_off(profile.get('preprocess', {}).get('enhance'))}; "
                   f"trained on `{options.get('device')}`.")
         md.append("")
+    return md
 
-    # 1. out-of-fold metrics
-    md += ["## 1. Out-of-fold metrics of the full model (block split)", ""]
-    md.append(f"Held-out fields pooled over {_folds_text(full_folds, n_folds)}: n = {len(labels)}. "
-              f"Intervals: percentile bootstrap over fields ({bootstrap_rounds} rounds). Fields of one block "
+
+def _metrics_section(oof: OutOfFold, docs_dir: Path) -> list[str]:
+    """Section 1: pooled metrics with intervals, per fold, per class, confusion matrix (and its plot)."""
+    md = ["## 1. Out-of-fold metrics of the full model (block split)", ""]
+    md.append(f"Held-out fields pooled over {oof.folds_text}: n = {len(oof.labels)}. "
+              f"Intervals: percentile bootstrap over fields ({oof.bootstrap_rounds} rounds). Fields of one block "
               "are correlated (consecutive captures, twins), so these intervals are narrower than the truth; "
               "the spread over folds is the more honest uncertainty.")
     md.append("")
     rows = []
     for key, title in SUMMARY_KEYS:
-        per_fold = [r.metrics[key] for r in full.values()]
-        interval = intervals.get(key)
+        per_fold = [r.metrics[key] for r in oof.folds.values()]
+        interval = oof.intervals.get(key)
         spread = (f"{np.mean(per_fold):.4f} ± {np.std(per_fold, ddof=1):.4f}" if len(per_fold) > 1
                   else "n/a (1 fold)")
         interval_text = f"[{_num(interval[0])}, {_num(interval[1])}]" if interval else "n/a"
-        rows.append([title, _num(oof[key]), interval_text, spread])
+        rows.append([title, _num(oof.metrics[key]), interval_text, spread])
     md += [_table(["Metric", "OOF", "95% bootstrap interval", "Mean ± SD over folds"], rows), ""]
     md += ["### Per fold", ""]
     rows = [[str(r.fold), str(len(r.labels)), *(_num(r.metrics[key]) for key, _ in SUMMARY_KEYS),
-             f"{r.entry.get('seconds', float('nan')):.0f}"] for r in full.values()]
+             f"{r.entry.get('seconds', float('nan')):.0f}"] for r in oof.folds.values()]
     md += [_table(["Fold", "n", "Accuracy", "Balanced acc.", "Macro AUC", "MCC", "Train s"], rows), ""]
     md += ["### Per class (OOF)", ""]
     rows = [[name, str(v["n"]), _num(v["sensitivity"]), _num(v["specificity"])]
-            for name, v in oof["per_class"].items()]
+            for name, v in oof.metrics["per_class"].items()]
     md += [_table(["Class", "n", "Sensitivity", "Specificity"], rows), ""]
     md += ["### Confusion matrix (OOF; rows true, columns predicted)", ""]
-    confusion = np.asarray(oof["confusion"])
+    confusion = np.asarray(oof.metrics["confusion"])
     md += [_table(["true \\ predicted", *CLASS_NAMES],
                   [[CLASS_NAMES[i], *map(str, row)] for i, row in enumerate(confusion)]), ""]
     _plot_confusion(docs_dir / "confusion_matrix.png", confusion)
     md += ["![confusion matrix](confusion_matrix.png)", ""]
-    if baseline is not None:
-        md += baseline_section(full, block_path, Path(baseline))
+    return md
 
-    # 2. calibration
-    temperature = fit_temperature(labels, logits)
-    calibrated = softmax(logits / temperature)
-    ece_before = expected_calibration_error(labels, raw)
-    ece_after = expected_calibration_error(labels, calibrated)
-    review = review_threshold(labels, calibrated, target_precision=TARGET_PRECISION)
-    crossfit = crossfit_calibration(labels, logits, fold_ids)
-    _plot_reliability(docs_dir / "reliability.png", labels, raw, calibrated, temperature)
-    md += ["## 2. Calibration and the review threshold", ""]
+
+def _calibration_section(oof: OutOfFold, calibration: Calibration, cv_vs_final: str, docs_dir: Path) -> list[str]:
+    """Section 2: temperature, ECE, the review threshold, their leave-one-fold-out check, the reliability plot."""
+    review = calibration.review
+    crossfit = crossfit_calibration(oof.labels, oof.logits, oof.fold_ids)
+    _plot_reliability(docs_dir / "reliability.png", oof.labels, oof.probabilities, calibration.probabilities,
+                      calibration.temperature)
+    md = ["## 2. Calibration and the review threshold", ""]
     md.append(f"Temperature scaling (Guo et al. 2017) fitted on the OOF logits of the full model "
-              f"({len(labels)} fields): T = {temperature:.3f}. It is fitted and scored on the same OOF data, "
-              f"and the CV models {_cv_vs_final(block_path, config_path)}, so it is a proxy for the shipped "
-              "model's temperature.")
+              f"({len(oof.labels)} fields): T = {calibration.temperature:.3f}. It is fitted and scored on the same "
+              f"OOF data, and the CV models {cv_vs_final}, so it is a proxy for the shipped model's temperature.")
     md.append("")
-    rows = [["ECE (15 bins), uncalibrated", _num(ece_before)], ["ECE (15 bins), T applied", _num(ece_after)],
+    rows = [["ECE (15 bins), uncalibrated", _num(calibration.ece_before)],
+            ["ECE (15 bins), T applied", _num(calibration.ece_after)],
             [f"Review threshold (auto-accept precision ≥ {TARGET_PRECISION})", _num(review["threshold"])],
             ["Precision of auto-accepted fields", _num(review["accepted_precision"])],
             ["Fraction sent to review", _pct(review["review_fraction"], 1)]]
@@ -512,96 +505,111 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
                   "left out.")
         md.append("")
     md += ["![reliability diagram](reliability.png)", ""]
-    md += triage_section(variants)
+    return md
 
-    # 3. ablations
-    md += ["## 3. Ablations (paired with the full model on the same folds)", ""]
+
+def _fold_tests_table(variants: Variants, ablations: list[str], n_folds: int) -> list[str]:
+    """Each ablation against the full model, paired over the folds both finished."""
+    full = variants["full"]
+    md = ["Paired t-test and Wilcoxon signed-rank test (Wilcoxon 1945) of variant vs full over "
+          "folds, two-sided. A test needs at least 2 paired folds; where there are fewer, no p-value "
+          "is given.", ""]
+    rows = []
+    for name in ablations:
+        shared = [f for f in variants[name] if f in full]
+        for key, title in PAIRED_KEYS:
+            a = [variants[name][f].metrics[key] for f in shared]
+            b = [full[f].metrics[key] for f in shared]
+            test = paired_tests(a, b)
+            rows.append([name, title, ", ".join(map(str, shared)) or "none",
+                         " / ".join(_num(x) for x in a), " / ".join(_num(x) for x in b),
+                         f"{test.mean_difference:+.4f}" if shared else "n/a",
+                         format_pvalue(test.t_pvalue, test.t_note),
+                         format_pvalue(test.wilcoxon_pvalue, test.wilcoxon_note)])
+    md += [_table(["Variant", "Metric", "Paired folds", "Variant per fold", "Full per fold", "Mean Δ",
+                   "t-test p", "Wilcoxon p"], rows), ""]
+    md.append(f"With k folds the smallest two-sided exact Wilcoxon p is 2/2^k "
+              f"({wilcoxon_min_pvalue(n_folds):.3g} for all {n_folds} folds), so a fold-level test "
+              "cannot reach 0.05 below 6 folds.")
+    md.append("")
+    return md
+
+
+def _block_tests_table(variants: Variants, ablations: list[str], groups: np.ndarray | None) -> list[str]:
+    """Each ablation against the full model with the block as the unit (:func:`block_paired_test`)."""
+    if groups is None:
+        return ["Block-level tests: not recorded (this cross-validation file has no block ids).", ""]
+    md = ["### Paired over blocks", ""]
+    md.append("The same comparison with the block (40 consecutive captures of a class, the patient "
+              "stand-in) as the unit: accuracy per block, variant vs full, on every block of the folds "
+              "both finished. Blocks are far more numerous than folds and closer to independent than "
+              "fields.")
+    md.append("")
+    rows = []
+    for name in ablations:
+        comparison = block_paired_test(variants[name], variants["full"], groups)
+        if comparison is None:
+            continue
+        test = comparison.test
+        rows.append([name, ", ".join(map(str, comparison.folds)), str(comparison.blocks),
+                     _num(comparison.variant_accuracy), _num(comparison.full_accuracy),
+                     f"{comparison.variant_accuracy - comparison.full_accuracy:+.4f}",
+                     format_pvalue(test.t_pvalue, test.t_note),
+                     format_pvalue(test.wilcoxon_pvalue, test.wilcoxon_note)])
+    md += [_table(["Variant", "Folds", "Blocks", "Variant accuracy", "Full accuracy", "Δ",
+                   "t-test p", "Wilcoxon p"], rows), ""]
+    return md
+
+
+def _ablation_section(variants: Variants, n_folds: int, block_path: Path, docs_dir: Path) -> list[str]:
+    """Section 3: every ablation paired with the full model over folds and over blocks, and the plot."""
+    md = ["## 3. Ablations (paired with the full model on the same folds)", ""]
     ablations = [name for name in variants if name != "full"]
     if not ablations:
-        md += ["No ablation finished.", ""]
-    else:
-        md.append("Paired t-test and Wilcoxon signed-rank test (Wilcoxon 1945) of variant vs full over "
-                  "folds, two-sided. A test needs at least 2 paired folds; where there are fewer, no p-value "
-                  "is given.")
-        md.append("")
-        rows = []
-        for name in ablations:
-            shared = [f for f in variants[name] if f in full]
-            for key, title in PAIRED_KEYS:
-                a = [variants[name][f].metrics[key] for f in shared]
-                b = [full[f].metrics[key] for f in shared]
-                test = paired_tests(a, b)
-                rows.append([name, title, ", ".join(map(str, shared)) or "none",
-                             " / ".join(_num(x) for x in a), " / ".join(_num(x) for x in b),
-                             f"{test.mean_difference:+.4f}" if shared else "n/a",
-                             format_pvalue(test.t_pvalue, test.t_note),
-                             format_pvalue(test.wilcoxon_pvalue, test.wilcoxon_note)])
-        md += [_table(["Variant", "Metric", "Paired folds", "Variant per fold", "Full per fold", "Mean Δ",
-                       "t-test p", "Wilcoxon p"], rows), ""]
-        md.append(f"With k folds the smallest two-sided exact Wilcoxon p is 2/2^k "
-                  f"({wilcoxon_min_pvalue(n_folds):.3g} for all {n_folds} folds), so a fold-level test "
-                  "cannot reach 0.05 below 6 folds.")
-        md.append("")
-        groups = load_groups(block_path)
-        if groups is None:
-            md += ["Block-level tests: not recorded (this cross-validation file has no block ids).", ""]
-        else:
-            md += ["### Paired over blocks", ""]
-            md.append("The same comparison with the block (40 consecutive captures of a class, the patient "
-                      "stand-in) as the unit: accuracy per block, variant vs full, on every block of the folds "
-                      "both finished. Blocks are far more numerous than folds and closer to independent than "
-                      "fields.")
-            md.append("")
-            rows = []
-            for name in ablations:
-                comparison = block_paired_test(variants[name], full, groups)
-                if comparison is None:
-                    continue
-                test = comparison.test
-                rows.append([name, ", ".join(map(str, comparison.folds)), str(comparison.blocks),
-                             _num(comparison.variant_accuracy), _num(comparison.full_accuracy),
-                             f"{comparison.variant_accuracy - comparison.full_accuracy:+.4f}",
-                             format_pvalue(test.t_pvalue, test.t_note),
-                             format_pvalue(test.wilcoxon_pvalue, test.wilcoxon_note)])
-            md += [_table(["Variant", "Folds", "Blocks", "Variant accuracy", "Full accuracy", "Δ",
-                           "t-test p", "Wilcoxon p"], rows), ""]
-        _plot_ablation(docs_dir / "ablation.png", variants)
-        md += ["![ablations](ablation.png)", ""]
+        return md + ["No ablation finished.", ""]
+    md += _fold_tests_table(variants, ablations, n_folds)
+    md += _block_tests_table(variants, ablations, load_groups(block_path))
+    _plot_ablation(docs_dir / "ablation.png", variants)
+    md += ["![ablations](ablation.png)", ""]
+    return md
 
-    # 4. paper profile
+
+def _paper_section(study_dir: Path, full: dict[int, FoldResult]) -> list[str]:
+    """Section 4: the paper profile's folds beside the compact profile's on the same folds."""
     paper = load_cv(study_dir / "cv_paper" / "cv_block.json")
-    if paper is not None and "full" in paper[0]:
-        md += ["## 4. Paper profile vs compact profile (block split)", ""]
-        rows = []
-        for f, r in paper[0]["full"].items():
-            compact = full.get(f)
-            rows.append([str(f), str(len(r.labels)), _num(r.metrics["accuracy"]), _num(r.metrics["mcc"]),
-                         _num(r.metrics["macro_auc"]),
-                         _num(compact.metrics["accuracy"]) if compact else "n/a",
-                         _num(compact.metrics["mcc"]) if compact else "n/a"])
-        headers = ["Fold", "n", "Paper acc.", "Paper MCC", "Paper AUC", "Compact acc.", "Compact MCC"]
-        md += [_table(headers, rows), ""]
-    else:
-        md += ["## 4. Paper profile", "", "Not run (no `cv_paper/cv_block.json`).", ""]
+    if paper is None or "full" not in paper[0]:
+        return ["## 4. Paper profile", "", "Not run (no `cv_paper/cv_block.json`).", ""]
+    md = ["## 4. Paper profile vs compact profile (block split)", ""]
+    rows = []
+    for f, r in paper[0]["full"].items():
+        compact = full.get(f)
+        rows.append([str(f), str(len(r.labels)), _num(r.metrics["accuracy"]), _num(r.metrics["mcc"]),
+                     _num(r.metrics["macro_auc"]),
+                     _num(compact.metrics["accuracy"]) if compact else "n/a",
+                     _num(compact.metrics["mcc"]) if compact else "n/a"])
+    headers = ["Fold", "n", "Paper acc.", "Paper MCC", "Paper AUC", "Compact acc.", "Compact MCC"]
+    return md + [_table(headers, rows), ""]
 
-    # 5. leaky random split
+
+def _random_split_section(study_dir: Path, oof: OutOfFold) -> list[str]:
+    """Section 5: the leaky random split against the block split (the gap is the leak)."""
     random_cv = load_cv(study_dir / "cv" / "cv_random.json")
-    md += ["## 5. Leaky random split vs block split", ""]
-    if random_cv is not None and "full" in random_cv[0]:
-        r_labels, r_logits, _ = pool(random_cv[0]["full"])
-        r_metrics = classification_metrics(r_labels, softmax(r_logits))
-        md.append("The random split puts near-duplicate captures of one smear on both sides (leaky, as in "
-                  "the paper); the block split keeps them together. The gap is the leak.")
-        md.append("")
-        rows = [[title, _num(r_metrics[key]), _num(oof[key])] for key, title in SUMMARY_KEYS]
-        rows.append(["Folds", _folds_text(list(random_cv[0]["full"]), random_cv[1]),
-                     _folds_text(full_folds, n_folds)])
-        md += [_table(["Metric", "Random split (leaky)", "Block split"], rows), ""]
-    else:
-        md += ["Not run (no `cv/cv_random.json`).", ""]
+    md = ["## 5. Leaky random split vs block split", ""]
+    if random_cv is None or "full" not in random_cv[0]:
+        return md + ["Not run (no `cv/cv_random.json`).", ""]
+    r_labels, r_logits, _ = pool(random_cv[0]["full"])
+    r_metrics = classification_metrics(r_labels, softmax(r_logits))
+    md.append("The random split puts near-duplicate captures of one smear on both sides (leaky, as in "
+              "the paper); the block split keeps them together. The gap is the leak.")
+    md.append("")
+    rows = [[title, _num(r_metrics[key]), _num(oof.metrics[key])] for key, title in SUMMARY_KEYS]
+    rows.append(["Folds", _folds_text(list(random_cv[0]["full"]), random_cv[1]), oof.folds_text])
+    return md + [_table(["Metric", "Random split (leaky)", "Block split"], rows), ""]
 
-    # 6. shortcut audit
-    md += ["## 6. Shortcut audit", ""]
+
+def _shortcut_section(study_dir: Path, full: dict[int, FoldResult]) -> list[str]:
+    """Section 6: the artefact-only probe (``shortcuts.json``) and the full model on altered fields."""
+    md = ["## 6. Shortcut audit", ""]
     shortcuts_path = study_dir / "shortcuts.json"
     if shortcuts_path.exists():
         shortcuts = json.loads(shortcuts_path.read_text())
@@ -613,64 +621,99 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
                 for name, v in shortcuts.items() if isinstance(v, dict) and "block_cv_accuracy" in v]
         md += [_table(["Probe features", "Block-CV accuracy"], rows), ""]
     robust = [r for r in full.values() if "shortcut_robustness" in r.entry]
-    if robust:
-        md.append("The full model on held-out fields as they are, with the scale-bar corner blanked, with "
-                  "the background (non-stained pixels) replaced by a neutral colour, and (newer runs) with "
-                  "the background recoloured to another class's median background, texture kept:")
-        md.append("")
-        keys = ("as_is", "corner_blanked", "background_replaced")
-        if all("background_recoloured" in r.entry["shortcut_robustness"] for r in robust):
-            keys += ("background_recoloured",)
-        weights = np.array([len(r.labels) for r in robust], float)
-        pooled = {k: float(np.average([r.entry["shortcut_robustness"][k] for r in robust], weights=weights))
-                  for k in keys}
-        rows = [_robustness_row(str(r.fold), r.entry["shortcut_robustness"], keys) for r in robust]
-        rows.append(_robustness_row("pooled", pooled, keys))
-        headers = ["Fold", "As is", "Corner blanked", "Background replaced", "Background recoloured"][: len(keys) + 1]
-        md += [_table([*headers, "Δ background"], rows), ""]
+    if not robust:
+        return md
+    md.append("The full model on held-out fields as they are, with the scale-bar corner blanked, with "
+              "the background (non-stained pixels) replaced by a neutral colour, and (newer runs) with "
+              "the background recoloured to another class's median background, texture kept:")
+    md.append("")
+    keys = ("as_is", "corner_blanked", "background_replaced")
+    if all("background_recoloured" in r.entry["shortcut_robustness"] for r in robust):
+        keys += ("background_recoloured",)
+    weights = np.array([len(r.labels) for r in robust], float)
+    pooled = {k: float(np.average([r.entry["shortcut_robustness"][k] for r in robust], weights=weights))
+              for k in keys}
+    rows = [_robustness_row(str(r.fold), r.entry["shortcut_robustness"], keys) for r in robust]
+    rows.append(_robustness_row("pooled", pooled, keys))
+    headers = ["Fold", "As is", "Corner blanked", "Background replaced", "Background recoloured"][: len(keys) + 1]
+    return md + [_table([*headers, "Δ background"], rows), ""]
 
-    # 7. segmentation
-    md += ["## 7. Segmentation (Attention U-Net vs cleaned `Segmented/` masks)", ""]
+
+def _segmentation_section(full: dict[int, FoldResult]) -> list[str]:
+    """Section 7: the U-Net's Dice and IoU per fold against the cleaned masks."""
+    md = ["## 7. Segmentation (Attention U-Net vs cleaned `Segmented/` masks)", ""]
     segmented = [r for r in full.values() if "segmentation" in r.entry]
-    if segmented:
-        rows = [[str(r.fold), str(r.entry["segmentation"]["n"]), _num(r.entry["segmentation"]["dice"]),
-                 _num(r.entry["segmentation"]["iou"])] for r in segmented]
-        md += [_table(["Fold", "Masks", "Dice", "IoU"], rows), ""]
-    else:
-        md += ["No segmentation scores stored.", ""]
+    if not segmented:
+        return md + ["No segmentation scores stored.", ""]
+    rows = [[str(r.fold), str(r.entry["segmentation"]["n"]), _num(r.entry["segmentation"]["dice"]),
+             _num(r.entry["segmentation"]["iou"])] for r in segmented]
+    return md + [_table(["Fold", "Masks", "Dice", "IoU"], rows), ""]
 
-    # 8. compute
+
+def _compute_section(study_dir: Path, full: dict[int, FoldResult]) -> list[str]:
+    """Section 8: how long the final model and each CV fold took."""
     seconds = final_training_seconds(study_dir)
-    md += ["## 8. Compute", ""]
     final_text = f"{seconds:.0f} s" if seconds is not None else "not recorded"
     fold_text = ", ".join(f"fold {r.fold}: {r.entry.get('seconds', float('nan')):.0f} s"
                           for r in full.values())
-    md.append(f"Final model training (phases 1-4): {final_text}. CV `full` per fold "
-              f"(training and scoring): {fold_text}.")
-    md.append("")
+    return ["## 8. Compute", "",
+            f"Final model training (phases 1-4): {final_text}. CV `full` per fold (training and scoring): {fold_text}.",
+            ""]
+
+
+def _oof_metrics_record(oof: OutOfFold) -> dict:
+    """The OOF numbers ``calibration.json`` carries into the export manifest."""
+    return {"n": oof.metrics["n"], **{key: oof.metrics[key] for key, _ in SUMMARY_KEYS},
+            "intervals_95": oof.intervals, "per_class": oof.metrics["per_class"],
+            "confusion": oof.metrics["confusion"], "folds": oof.fold_list, "n_folds": oof.n_folds}
+
+
+def _summary(oof: OutOfFold, calibration: Calibration, docs_dir: Path, calibration_path: Path) -> str:
+    """One paragraph for the terminal: the headline numbers and what was written where."""
+    metrics, review = oof.metrics, calibration.review
+    acc_ci = oof.intervals.get("accuracy", [float("nan")] * 2)
+    return (f"OOF block split ({oof.folds_text}, n={metrics['n']}): "
+            f"accuracy {metrics['accuracy']:.4f} [{acc_ci[0]:.4f}, {acc_ci[1]:.4f}], MCC {metrics['mcc']:.4f}, "
+            f"macro AUC {metrics['macro_auc']:.4f}; "
+            f"T={calibration.temperature:.3f}, ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}; "
+            f"review threshold {review['threshold']:.4f} sends {100 * review['review_fraction']:.1f}% to review. "
+            f"Wrote {docs_dir / 'results.md'}, {calibration_path} and the inputs under {docs_dir / 'study'}.")
+
+
+def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 1000,
+                 baseline: Path | None = None) -> str:
+    """Write ``docs_dir/results.md`` with plots and ``study_dir/final/calibration.json``; return a summary.
+
+    The inputs are archived into ``docs_dir/study`` (:func:`archive_inputs`).
+
+    ``baseline`` (another study of the same fields and folds) adds a paired comparison with its full model.
+    """
+    study_dir, docs_dir = Path(study_dir), Path(docs_dir)
+    block_path = study_dir / "cv" / "cv_block.json"
+    variants, n_folds = load_block_cv(block_path)
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    oof = pool_full_model(variants["full"], n_folds, bootstrap_rounds)
+    calibration = fit_calibration(oof.labels, oof.logits)
+    cv_vs_final = _cv_vs_final(block_path, study_dir / "final" / "config.json")
+
+    md = _header_section(study_dir)
+    md += _metrics_section(oof, docs_dir)
+    if baseline is not None:
+        md += baseline_section(oof.folds, block_path, Path(baseline))
+    md += _calibration_section(oof, calibration, cv_vs_final, docs_dir)
+    md += triage_section(variants)
+    md += _ablation_section(variants, n_folds, block_path, docs_dir)
+    md += _paper_section(study_dir, oof.folds)
+    md += _random_split_section(study_dir, oof)
+    md += _shortcut_section(study_dir, oof.folds)
+    md += _segmentation_section(oof.folds)
+    md += _compute_section(study_dir, oof.folds)
     (docs_dir / "results.md").write_text("\n".join(md))
     archive_inputs(study_dir, docs_dir / "study")
 
-    calibration = {
-        "temperature": temperature,
-        "review_threshold": review["threshold"],
-        "target_precision": TARGET_PRECISION,
-        "review_fraction": review["review_fraction"],
-        "accepted_precision": review["accepted_precision"],
-        "ece_before": ece_before,
-        "ece_after": ece_after,
-        "fitted_on": f"out-of-fold logits of 'full', block split, folds {full_folds}",
-        "oof_metrics": {"n": oof["n"], **{key: oof[key] for key, _ in SUMMARY_KEYS},
-                        "intervals_95": intervals, "per_class": oof["per_class"],
-                        "confusion": oof["confusion"], "folds": full_folds, "n_folds": n_folds},
-    }
-    (study_dir / "final").mkdir(parents=True, exist_ok=True)
-    (study_dir / "final" / "calibration.json").write_text(json.dumps(_clean(calibration), indent=2))
-    acc_ci = intervals.get("accuracy", [float("nan")] * 2)
-    return (f"OOF block split ({_folds_text(full_folds, n_folds)}, n={oof['n']}): "
-            f"accuracy {oof['accuracy']:.4f} [{acc_ci[0]:.4f}, {acc_ci[1]:.4f}], MCC {oof['mcc']:.4f}, "
-            f"macro AUC {oof['macro_auc']:.4f}; "
-            f"T={temperature:.3f}, ECE {ece_before:.4f} -> {ece_after:.4f}; review threshold "
-            f"{review['threshold']:.4f} sends {100 * review['review_fraction']:.1f}% to review. "
-            f"Wrote {docs_dir / 'results.md'}, {study_dir / 'final' / 'calibration.json'} and the inputs "
-            f"under {docs_dir / 'study'}.")
+    calibration_path = write_calibration(
+        study_dir / "final" / "calibration.json", calibration,
+        fitted_on=f"out-of-fold logits of 'full', block split, folds {oof.fold_list}",
+        oof_metrics=_oof_metrics_record(oof),
+    )
+    return _summary(oof, calibration, docs_dir, calibration_path)
