@@ -12,7 +12,8 @@ from typing import Any
 
 from preprocessing.pipeline import PreprocessConfig
 
-#: Class order everywhere (DESIGN.md contract).
+#: Class order everywhere: logit columns, label indices, reports and the served outputs all follow it, so
+#: reordering it silently relabels every stored model.
 CLASS_NAMES: tuple[str, ...] = ("Benign", "Early", "Pre", "Pro")
 
 
@@ -24,13 +25,13 @@ class SegmentationConfig:
     upsampled back to the field. Blasts are 30-60 px across in a 224 px field, so at 2 they stay whole
     while the U-Net costs a quarter (5.5 instead of 22.6 ms per field on one CPU core). Held-out Dice on
     block fold 0 after 4 CPU epochs: 0.864 at 2 vs 0.877 at 1, trained in 129 vs 487 s
-    (``scripts/segmentation_scale_experiment.py``). The compact profile now runs on 112 px fields, where
+    (``research/segmentation_scale_experiment.py``). The compact profile runs on 112 px fields, where
     the U-Net at scale 1 costs what it cost at scale 2 on 224 px, so it stays at 1.
 
     ``hard_gate``: feed the backbones the field where the mask says "cell" (probability >= 0.5) and
     exact zeros elsewhere, instead of the field times the soft probability. The soft mask lets the
     background's texture through at small weight, and the trained backbones read it (a flat background
-    costs the shipped model about 12 points; ``scripts/diagnose_flat_background.py``). Off in both
+    costs the shipped model about 12 points; ``research/diagnose_flat_background.py``). Off in both
     profiles until a trial shows it keeps accuracy; the gate has no gradient, which phase 3 does not
     need (the U-Net is trained in phase 2 and frozen after).
     """

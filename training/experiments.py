@@ -190,7 +190,7 @@ def crossvalidate(
                 reuse = full_model
             started = time.time()
             log(f"[{split} fold {fold}] training {variant}")
-            # backbone epochs are checkpointed: a fold that an ended session interrupted resumes mid-training
+            # backbone epochs are checkpointed: a fold whose run was stopped resumes mid-training
             run_dir = None if reuse is not None else _fold_run_dir(out_dir, split, fold, variant)
             model = fit_pipeline(data.images[train], data.masks[train], data.mask_ok[train], data.labels[train],
                                  variant_profile, variant_options, log, reuse=reuse, run_dir=run_dir)

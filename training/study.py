@@ -1,4 +1,4 @@
-"""One command that does a whole study under a time budget (what a lent GPU session runs):
+"""One command that does a whole study under a time budget (what a lent GPU machine runs):
 the final model on all data first (so there is always something to ship), then block cross-validation
 with the ablations, the shortcut probe, the leaky random split, and finally a paper-profile fold.
 """
