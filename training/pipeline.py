@@ -9,7 +9,6 @@ trains the multi-head self-attention classifier.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from hybridcn.profiles import Profile
@@ -148,13 +148,21 @@ def _autocast(device: str):
     return torch.autocast("cpu", enabled=False)
 
 
-def _cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total: int, warmup: int) -> None:
-    if step < warmup:
-        lr = base_lr * (step + 1) / warmup
-    else:
-        lr = 0.5 * base_lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> CosineLRScheduler:
+    """timm's cosine schedule, stepped per update: linear warmup over ``warmup`` updates, then cosine decay to 0.
+
+    Call ``step_update(step)`` before update ``step`` (0-based; ``total`` updates in all). The warmup keeps
+    the first updates of networks trained from scratch small; it starts at lr / warmup rather than 0, so no
+    update is wasted, and reaches the optimizer's lr at update ``warmup - 1``. The decay reaches 0 one update
+    after the last, so the last update still learns. Build it before loading a checkpoint: timm takes the
+    lr it finds in the optimizer as the peak, and a resumed optimizer holds a decayed one.
+    """
+    base_lr = optimizer.param_groups[0]["lr"]
+    warmup_updates = max(0, warmup - 1)
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, total - warmup_updates), lr_min=0.0, warmup_t=warmup_updates,
+        warmup_lr_init=base_lr / max(1, warmup), warmup_prefix=True, t_in_epochs=False,
+    )
 
 
 #: What a run directory keeps while its training is unfinished, so an interrupted run resumes where it stopped.
@@ -211,7 +219,7 @@ def train_segmentation(
     unet = stage.unet
     optimizer = torch.optim.AdamW(unet.parameters(), lr=options.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(images) // options.batch_size)
-    total = steps_per_epoch * options.seg_epochs
+    schedule = cosine_schedule(optimizer, steps_per_epoch, steps_per_epoch * options.seg_epochs)
     step = 0
     unet.train()
     for epoch in range(options.seg_epochs):
@@ -220,7 +228,7 @@ def train_segmentation(
         for batch_index in _progress(range(steps_per_epoch), steps_per_epoch, f"unet {epoch + 1}", options.progress):
             index = order[batch_index * options.batch_size : (batch_index + 1) * options.batch_size].to(images.device)
             batch, target = _augment(images, keep, index, options, generator, masks[index])
-            _cosine_lr(optimizer, options.lr, step, total, steps_per_epoch)
+            schedule.step_update(step)
             with _autocast(options.device):
                 logits, _ = stage.mask_logits(uint8_to_normalized(batch).contiguous(memory_format=torch.channels_last))
             logits = logits.float()[:, 0]
@@ -270,14 +278,14 @@ def train_backbones(
     trainer = BackboneTrainer(features, len(profile.classes)).to(options.device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     steps_per_epoch = max(1, len(images) // options.batch_size)
-    total = steps_per_epoch * options.backbone_epochs
+    schedule = cosine_schedule(optimizer, steps_per_epoch, steps_per_epoch * options.backbone_epochs)
     start_epoch = 0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=options.device, weights_only=False)
         trainer.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        if "torch_rng" in state:  # checkpoints before session 12 lack it
+        if "torch_rng" in state:  # checkpoints written before torch_rng was stored lack it
             torch.set_rng_state(state["torch_rng"])
         if clock is not None and state.get("seconds") is not None:
             clock.resume_at(state["seconds"])
@@ -296,7 +304,7 @@ def train_backbones(
             target = labels[index]
             with torch.no_grad():
                 _, _, segmented = segmentation(batch)
-            _cosine_lr(optimizer, options.lr, epoch * steps_per_epoch + batch_index, total, steps_per_epoch)
+            schedule.step_update(epoch * steps_per_epoch + batch_index)
             with _autocast(options.device):
                 outputs = trainer(segmented.contiguous(memory_format=torch.channels_last))
             losses = [
@@ -373,13 +381,13 @@ def train_head(
     smoothing = options.label_smoothing if options.head_label_smoothing is None else options.head_label_smoothing
     batch = 128
     steps_per_epoch = max(1, len(x) // batch)
-    total = steps_per_epoch * options.head_epochs
+    schedule = cosine_schedule(optimizer, steps_per_epoch, steps_per_epoch * options.head_epochs)
     for epoch in range(options.head_epochs):
         head.train()
         order = _epoch_order(len(x), generator, weights).to(options.device)
         for i in range(steps_per_epoch):
             index = order[i * batch : (i + 1) * batch]
-            _cosine_lr(optimizer, 1e-3, epoch * steps_per_epoch + i, total, steps_per_epoch)
+            schedule.step_update(epoch * steps_per_epoch + i)
             selected = head.selection(x[index])
             selected = selected + 0.1 * torch.randn_like(selected)  # feature noise regularises the head
             logits, _ = head.forward_selected(selected)
