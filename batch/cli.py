@@ -11,6 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from batch.inputs import InputError
+from batch.ledger import FAILED, PENDING, SKIPPED, LedgerError
+from batch.progress import make_progress
+from batch.reports import ReportWriteError
+from batch.runner import BatchError, BatchOptions, run_batch
+from engine.triton_server import TritonStartError
+
 EXIT_OK, EXIT_ERROR, EXIT_FIELDS_FAILED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 
@@ -39,13 +46,6 @@ def add_batch_arguments(parser: argparse.ArgumentParser, *, default_repository: 
 
 
 def run_batch_cli(args: argparse.Namespace) -> int:
-    from batch.inputs import InputError
-    from batch.ledger import FAILED, PENDING, SKIPPED, LedgerError
-    from batch.progress import make_progress
-    from batch.reports import ReportWriteError
-    from batch.runner import BatchError, BatchOptions, run_batch
-    from gateway.triton_launcher import TritonStartError
-
     def fail(message: str, code: int = EXIT_ERROR) -> int:
         print(f"hybridcn batch: error: {message}", file=sys.stderr, flush=True)
         return code

@@ -17,9 +17,11 @@ import sqlite3
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from hybridcn.contracts import FieldQCResult, FieldResult
 
 #: States of a field. ``skipped`` is a background tile that the field QC found empty.
 PENDING, DONE, FAILED, SKIPPED = "pending", "done", "failed", "skipped"
@@ -27,7 +29,7 @@ STATES = (PENDING, DONE, FAILED, SKIPPED)
 #: Field kinds: a whole field image, or a tile cut from a large slide image.
 FIELD, TILE = "field", "tile"
 LEDGER_FILE = "ledger.sqlite"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the whole FieldResult as JSON in fields.result
 
 
 class LedgerError(RuntimeError):
@@ -59,39 +61,61 @@ class PendingField:
 
 @dataclass(frozen=True)
 class FieldOutcome:
-    """What happened to one field; ``status`` is ``done``, ``failed`` or ``skipped``."""
+    """What happened to one field; ``status`` is ``done`` (with its ``result``), ``failed`` or ``skipped``."""
 
     field_id: int
     status: str
-    label: str | None = None
-    probabilities: dict[str, float] | None = None
-    confidence: float | None = None
-    needs_review: bool | None = None
-    review_reasons: list[str] = field(default_factory=list)
-    cell_count: int | None = None
-    qc_flags: list[str] = field(default_factory=list)
-    model_version: str | None = None
+    result: FieldResult | None = None
     error: str | None = None
 
 
 @dataclass(frozen=True)
 class FieldRow:
-    """One field as the ledger holds it (what ``results.csv`` and the reports are made from)."""
+    """One field as the ledger holds it (what ``results.csv`` and the reports are made from).
+
+    The result is the one contract (:class:`~hybridcn.contracts.FieldResult`); the properties below read
+    through to it so report code can ask a row for its label whether or not it is done.
+    """
 
     field_id: int
     spec: FieldSpec
     status: str
-    label: str | None
-    probabilities: dict[str, float]
-    confidence: float | None
-    needs_review: bool | None
-    review_reasons: list[str]
-    cell_count: int | None
-    qc_flags: list[str]
-    model_version: str | None
+    result: FieldResult | None
     error: str | None
     attempts: int
     updated: float | None
+
+    @property
+    def label(self) -> str | None:
+        return self.result.label if self.result else None
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        return self.result.probabilities if self.result else {}
+
+    @property
+    def confidence(self) -> float | None:
+        return self.result.confidence if self.result else None
+
+    @property
+    def needs_review(self) -> bool | None:
+        return self.result.needs_review if self.result else None
+
+    @property
+    def review_reasons(self) -> list[str]:
+        return self.result.review_reasons if self.result else []
+
+    @property
+    def cell_count(self) -> int | None:
+        return self.result.cell_count if self.result else None
+
+    @property
+    def qc_flags(self) -> list[str]:
+        return self.result.qc.flags if self.result else []
+
+    @property
+    def model_version(self) -> str | None:
+        return self.result.model_version if self.result else None
 
 
 class Ledger(ABC):
@@ -181,6 +205,7 @@ CREATE TABLE IF NOT EXISTS fields (
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     updated REAL,
+    result TEXT,
     UNIQUE (slide_id, source, tile_x, tile_y)
 );
 CREATE INDEX IF NOT EXISTS fields_status ON fields (status);
@@ -189,7 +214,7 @@ CREATE TABLE IF NOT EXISTS gallery (field_id INTEGER PRIMARY KEY REFERENCES fiel
 
 _ORDER = "ORDER BY slide_id, source, tile_y, tile_x"
 _COLUMNS = ("id, slide_id, source, kind, tile_x, tile_y, tile_w, tile_h, status, label, probabilities, confidence, "
-            "needs_review, review_reasons, cell_count, qc_flags, model_version, error, attempts, updated")
+            "needs_review, review_reasons, cell_count, qc_flags, model_version, error, attempts, updated, result")
 
 
 def _now_iso() -> str:
@@ -220,13 +245,26 @@ class SQLiteLedger(Ledger):
                 with self._transaction():
                     for statement in filter(str.strip, _SCHEMA.split(";")):
                         self._db.execute(statement)
-                    self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+                    self._migrate()
                     self._db.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (_now_iso(),))
         except sqlite3.DatabaseError as error:
             raise LedgerError(f"cannot open the ledger {self.path}: {error}") from error
 
     def _transaction(self):
         return _Transaction(self._db, self.path)
+
+    def _migrate(self) -> None:
+        """Bring a ledger written by an older version to :data:`SCHEMA_VERSION` (inside the open transaction)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        version = row[0] if row else SCHEMA_VERSION
+        if version == "1":  # results were columns only; rows keep them and get a result rebuilt when read
+            columns = {info[1] for info in self._db.execute("PRAGMA table_info(fields)")}
+            if "result" not in columns:
+                self._db.execute("ALTER TABLE fields ADD COLUMN result TEXT")
+        elif version != SCHEMA_VERSION:
+            raise LedgerError(f"{self.path} has ledger schema {version}, newer than this version's {SCHEMA_VERSION}; "
+                              "upgrade hybridcn-nas to read it")
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
 
     def get_meta(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -273,18 +311,19 @@ class SQLiteLedger(Ledger):
         for o in outcomes:
             if o.status not in (DONE, FAILED, SKIPPED):
                 raise ValueError(f"cannot record status {o.status!r}; expected done, failed or skipped")
+            r = o.result.stored() if o.result is not None else None
             rows.append((
-                o.status, o.label, json.dumps(o.probabilities) if o.probabilities is not None else None,
-                o.confidence, None if o.needs_review is None else int(o.needs_review), json.dumps(o.review_reasons),
-                o.cell_count, json.dumps(o.qc_flags), o.model_version, o.error,
-                1 if o.status == FAILED else 0, now, o.field_id, PENDING,
+                o.status, r and r.label, r and json.dumps(r.probabilities), r and r.confidence,
+                None if r is None else int(r.needs_review), json.dumps(r.review_reasons if r else []),
+                r and r.cell_count, json.dumps(r.qc.flags if r else []), r and r.model_version, o.error,
+                1 if o.status == FAILED else 0, now, r and r.model_dump_json(exclude_none=True), o.field_id, PENDING,
             ))
         with self._transaction():
             before = self._db.total_changes
             self._db.executemany(
                 "UPDATE fields SET status = ?, label = ?, probabilities = ?, confidence = ?, needs_review = ?, "
                 "review_reasons = ?, cell_count = ?, qc_flags = ?, model_version = ?, error = ?, "
-                "attempts = attempts + ?, updated = ? WHERE id = ? AND status = ?", rows)
+                "attempts = attempts + ?, updated = ?, result = ? WHERE id = ? AND status = ?", rows)
             changed = self._db.total_changes - before
             self._db.executemany("DELETE FROM gallery WHERE field_id = ?", [(i,) for i in drop_gallery])
             self._db.executemany("INSERT OR REPLACE INTO gallery VALUES (?, ?)",
@@ -321,15 +360,18 @@ class SQLiteLedger(Ledger):
 
 def _row(values: tuple) -> FieldRow:
     (field_id, slide_id, source, kind, x, y, w, h, status, label, probabilities, confidence, needs_review,
-     reasons, cells, flags, version, error, attempts, updated) = values
-    return FieldRow(
-        field_id=field_id, spec=FieldSpec(slide_id, source, kind, x, y, w, h), status=status, label=label,
-        probabilities=json.loads(probabilities) if probabilities else {}, confidence=confidence,
-        needs_review=None if needs_review is None else bool(needs_review),
-        review_reasons=json.loads(reasons) if reasons else [], cell_count=cells,
-        qc_flags=json.loads(flags) if flags else [], model_version=version, error=error, attempts=attempts,
-        updated=updated,
-    )
+     reasons, cells, flags, version, error, attempts, updated, stored) = values
+    result = None
+    if stored:
+        result = FieldResult.model_validate_json(stored)
+    elif label is not None:  # a schema-1 row: the result as its columns kept it (no cells, no threshold)
+        result = FieldResult(
+            label=label, probabilities=json.loads(probabilities) if probabilities else {},
+            confidence=confidence or 0.0, needs_review=bool(needs_review),
+            review_reasons=json.loads(reasons) if reasons else [], review_threshold=None, cell_count=cells or 0,
+            qc=FieldQCResult(flags=json.loads(flags) if flags else []), model_version=version or "")
+    return FieldRow(field_id=field_id, spec=FieldSpec(slide_id, source, kind, x, y, w, h), status=status,
+                    result=result, error=error, attempts=attempts, updated=updated)
 
 
 class _Transaction:

@@ -1,6 +1,6 @@
 """The process-pool side of a batch run: read a field or a tile and prepare it for Triton (CPU only).
 
-Each worker process holds the :class:`~gateway.service.ServedModel` (set once by :func:`init_worker`)
+Each worker process holds the :class:`~engine.model.ServedModel` (set once by :func:`init_worker`)
 and the last slide images it opened, so the tiles of one slide do not reopen the file.
 """
 
@@ -15,8 +15,9 @@ import numpy as np
 
 from batch.inputs import open_region_reader
 from batch.ledger import FAILED, SKIPPED, TILE, FieldSpec
-from batch.reports import THUMBNAIL
-from gateway.service import PreparedField, ServedModel, prepare_bytes, prepare_tile
+from engine.field import PreparedField, prepare_bytes, prepare_tile
+from engine.model import ServedModel
+from engine.overlays import THUMBNAIL
 from preprocessing import InvalidImageError
 
 OK = "ok"

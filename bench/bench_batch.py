@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batch.runner import BatchOptions, default_workers, run_batch  # noqa: E402
-from gateway.client import TritonClient  # noqa: E402
-from gateway.service import ServedModel, interpret, prepare_bytes  # noqa: E402
-from gateway.triton_launcher import EmbeddedTriton  # noqa: E402
+from engine.client import TritonClient  # noqa: E402
+from engine.field import interpret, prepare_bytes  # noqa: E402
+from engine.model import ServedModel  # noqa: E402
+from engine.triton_server import EmbeddedTriton  # noqa: E402
 from hybridcn.synth import synth_field  # noqa: E402
 
 

@@ -30,10 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.client import TritonClient  # noqa: E402
+from engine.field import prepare_bytes  # noqa: E402
+from engine.model import ServedModel  # noqa: E402
+from engine.triton_server import EmbeddedTriton, free_port  # noqa: E402
 from export.runtime import OnnxEnsemble  # noqa: E402
-from gateway.client import TritonClient  # noqa: E402
-from gateway.service import ServedModel, prepare_bytes  # noqa: E402
-from gateway.triton_launcher import EmbeddedTriton, free_port  # noqa: E402
 from hybridcn.synth import synth_field  # noqa: E402
 
 REPOSITORY = ROOT / "model_repository"
@@ -60,7 +61,7 @@ def bench_naive_eager(payloads: list[bytes], model: ServedModel, checkpoint: Pat
     from models import FeatureStage, HeadStage, create_model, segmentation_stage
 
     torch.set_num_threads(os.cpu_count() or 1)
-    profile = Profile.from_dict(model.manifest["profile"])
+    profile = Profile.from_dict(model.manifest.profile)
     if checkpoint is not None:
         from training.pipeline import load_trained
 

@@ -9,6 +9,7 @@ COPY hybridcn /app/hybridcn
 COPY preprocessing /app/preprocessing
 COPY models /app/models
 COPY export /app/export
+COPY engine /app/engine
 COPY gateway /app/gateway
 COPY training /app/training
 COPY batch /app/batch

@@ -10,6 +10,7 @@ COPY hybridcn /opt/hybridcn/hybridcn
 COPY preprocessing /opt/hybridcn/preprocessing
 COPY models /opt/hybridcn/models
 COPY export /opt/hybridcn/export
+COPY engine /opt/hybridcn/engine
 COPY gateway /opt/hybridcn/gateway
 COPY training /opt/hybridcn/training
 COPY batch /opt/hybridcn/batch

@@ -13,6 +13,7 @@ import torch
 
 from export.onnx_export import check_parity, export_onnx
 from export.repository import write_repository
+from hybridcn.contracts import Manifest
 from hybridcn.tensors import (
     FEATURE_INPUTS,
     FEATURE_OUTPUTS,
@@ -68,7 +69,7 @@ def model_version(paths: dict[str, Path], profile_name: str) -> str:
 def build_repository(
     model_path: Path, out: Path, *, target: str = "embedded", calibration: Path | None = None,
     check_parity: bool = True, training_summary: dict | None = None,
-) -> dict:
+) -> Manifest:
     """Export ``model.pt`` into a fresh model repository at ``out``; returns the manifest."""
     from training.pipeline import load_trained
 
@@ -78,21 +79,21 @@ def build_repository(
     model.head.head.temperature.fill_(temperature)
     with tempfile.TemporaryDirectory() as scratch:
         paths, parity = export_graphs(model, Path(scratch), check=check_parity)
-        manifest = {
-            "model_version": model_version(paths, model.profile.name),
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "profile": model.profile.to_dict(),
-            "stain_reference": model.reference.to_dict(),
-            "feature_width": int(model.features.features.num_features),
-            "tokens": int(model.head.head.tokens),
-            "temperature": temperature,
-            "review_threshold": float(calibration_data.get("review_threshold", 0.9)),
-            "review_target_precision": calibration_data.get("target_precision"),
-            "parity_max_abs_diff": parity,
-            "training": {**model.history.get("options", {}), **(training_summary or {}),
-                         "n_train": model.history.get("n_train")},
-            "oof_metrics": calibration_data.get("oof_metrics"),
-        }
+        manifest = Manifest(
+            model_version=model_version(paths, model.profile.name),
+            exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            profile=model.profile.to_dict(),
+            stain_reference=model.reference.to_dict(),
+            feature_width=int(model.features.features.num_features),
+            tokens=int(model.head.head.tokens),
+            temperature=temperature,
+            review_threshold=float(calibration_data.get("review_threshold", 0.9)),
+            review_target_precision=calibration_data.get("target_precision"),
+            parity_max_abs_diff=parity,
+            training={**model.history.get("options", {}), **(training_summary or {}),
+                      "n_train": model.history.get("n_train")},
+            oof_metrics=calibration_data.get("oof_metrics"),
+        )
         staging = out.with_name(out.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
         write_repository(staging, target=target, onnx_files=paths, manifest=manifest)

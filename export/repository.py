@@ -6,7 +6,8 @@
   NVIDIA's Triton container.
 Both use dynamic batching and warm-up, and both expose the ``hybridcn_nas`` ensemble (uint8 fields
 in) and ``hybridcn_nas_raw`` (encoded image bytes in, through the Python ``preprocess`` step).
-Every generated config is parsed back with Triton's ``ModelConfig`` protobuf before it is written.
+Configs are built as Triton's own ``ModelConfig`` protobuf messages and printed in its text format, so a
+misspelt field fails here rather than in the server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from hybridcn.contracts import Manifest
 from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
 
 TARGETS = ("embedded", "gpu")
@@ -22,6 +27,7 @@ ENSEMBLE = "hybridcn_nas"
 RAW_ENSEMBLE = "hybridcn_nas_raw"
 MANIFEST = "manifest.json"
 MAX_BATCH = 16
+TENSORRT_FP16 = {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824", "trt_engine_cache_enable": "1"}
 
 
 @dataclass(frozen=True)
@@ -30,9 +36,12 @@ class TensorSpec:
     data_type: str
     dims: tuple[int, ...]
 
-    def pbtxt(self, extra: str = "") -> str:
-        dims = ", ".join(str(d) for d in self.dims)
-        return f'  {{ name: "{self.name}" data_type: {self.data_type} dims: [ {dims} ]{extra} }}'
+    def input(self) -> mc.ModelInput:
+        return mc.ModelInput(name=self.name, data_type=mc.DataType.Value(self.data_type), dims=self.dims)
+
+    def output(self, label_filename: str = "") -> mc.ModelOutput:
+        return mc.ModelOutput(name=self.name, data_type=mc.DataType.Value(self.data_type), dims=self.dims,
+                              label_filename=label_filename)
 
 
 def stage_tensors(image_size: int, feature_width: int, tokens: int, classes: int) -> dict[str, TensorSpec]:
@@ -49,72 +58,55 @@ def stage_tensors(image_size: int, feature_width: int, tokens: int, classes: int
     }
 
 
-def _block(key: str, specs: list[str]) -> str:
-    return f"{key} [\n" + ",\n".join(specs) + "\n]"
-
-
-def _warmup(spec: TensorSpec) -> str:
+def _warmup(spec: TensorSpec) -> list[mc.ModelWarmup]:
     if spec.data_type == "TYPE_STRING":
-        return ""  # a zero-filled string is no image; the preprocess step warms on its first request
-    dims = ", ".join(str(d) for d in spec.dims)
-    return (
-        "model_warmup [ { name: \"zeros\" batch_size: 1 inputs { key: \"" + spec.name + "\" value: { "
-        f"data_type: {spec.data_type} dims: [ {dims} ] zero_data: true }} }} }} ]"
-    )
+        return []  # a zero-filled string is no image; the preprocess step warms on its first request
+    data = mc.ModelWarmup.Input(data_type=mc.DataType.Value(spec.data_type), dims=spec.dims, zero_data=True)
+    return [mc.ModelWarmup(name="zeros", batch_size=1, inputs={spec.name: data})]
 
 
 def model_config(
     name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], *, target: str, python: bool,
     parameters: dict[str, str] | None = None, label_output: str | None = None, instances: int = 1,
-) -> str:
-    """``config.pbtxt`` text of one model (not an ensemble)."""
-    lines = [f'name: "{name}"']
-    if python or target == "embedded":
-        lines.append('backend: "python"')
+) -> mc.ModelConfig:
+    """The ``ModelConfig`` of one model (not an ensemble)."""
+    on_gpu = target == "gpu" and not python
+    config = mc.ModelConfig(
+        name=name,
+        max_batch_size=MAX_BATCH,
+        input=[t.input() for t in inputs],
+        output=[t.output("labels.txt" if t.name == label_output else "") for t in outputs],
+        instance_group=[mc.ModelInstanceGroup(
+            count=instances, kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU)],
+        dynamic_batching=mc.ModelDynamicBatching(preferred_batch_size=[4, 8, 16], max_queue_delay_microseconds=2000),
+        parameters={key: mc.ModelParameter(string_value=value) for key, value in (parameters or {}).items()},
+        model_warmup=_warmup(inputs[0]),
+    )
+    if on_gpu:
+        config.platform = "onnxruntime_onnx"
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters.update(TENSORRT_FP16)
     else:
-        lines.append('platform: "onnxruntime_onnx"')
-    lines.append(f"max_batch_size: {MAX_BATCH}")
-    lines.append(_block("input", [t.pbtxt() for t in inputs]))
-    outs = [t.pbtxt(' label_filename: "labels.txt"' if t.name == label_output else "") for t in outputs]
-    lines.append(_block("output", outs))
-    kind = "KIND_GPU" if target == "gpu" and not python else "KIND_CPU"
-    lines.append(f"instance_group [ {{ count: {instances} kind: {kind} }} ]")
-    lines.append("dynamic_batching { preferred_batch_size: [ 4, 8, 16 ] max_queue_delay_microseconds: 2000 }")
-    if target == "gpu" and not python:
-        lines.append(
-            "optimization { execution_accelerators { gpu_execution_accelerator: [ { name: \"tensorrt\" "
-            "parameters { key: \"precision_mode\" value: \"FP16\" } "
-            "parameters { key: \"max_workspace_size_bytes\" value: \"1073741824\" } "
-            "parameters { key: \"trt_engine_cache_enable\" value: \"1\" } } ] } }"
-        )
-    for key, value in (parameters or {}).items():
-        escaped = json.dumps(value)
-        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: {escaped} }} }}')
-    warmup = _warmup(inputs[0])
-    if warmup:
-        lines.append(warmup)
-    return "\n".join(lines) + "\n"
+        config.backend = "python"
+    return config
 
 
-def ensemble_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], steps: list[tuple]) -> str:
+def ensemble_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], steps: list[tuple]
+                    ) -> mc.ModelConfig:
     """``steps``: ``(model, {model_input: ensemble_tensor}, {model_output: ensemble_tensor})``."""
-    lines = [f'name: "{name}"', 'platform: "ensemble"', f"max_batch_size: {MAX_BATCH}",
-             _block("input", [t.pbtxt() for t in inputs]), _block("output", [t.pbtxt() for t in outputs])]
-    rendered = []
-    for model, input_map, output_map in steps:
-        maps = [f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in input_map.items()]
-        maps += [f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in output_map.items()]
-        rendered.append(f'    {{ model_name: "{model}" model_version: -1 ' + " ".join(maps) + " }")
-    lines.append("ensemble_scheduling { step [\n" + ",\n".join(rendered) + "\n  ] }")
-    return "\n".join(lines) + "\n"
+    return mc.ModelConfig(
+        name=name, platform="ensemble", max_batch_size=MAX_BATCH,
+        input=[t.input() for t in inputs], output=[t.output() for t in outputs],
+        ensemble_scheduling=mc.ModelEnsembling(step=[
+            mc.ModelEnsembling.Step(model_name=model, model_version=-1, input_map=input_map, output_map=output_map)
+            for model, input_map, output_map in steps
+        ]),
+    )
 
 
-def parse_config(text: str):
+def parse_config(text: str) -> mc.ModelConfig:
     """Parse ``config.pbtxt`` text into Triton's ``ModelConfig`` message (raises on any error)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
+    return text_format.Parse(text, mc.ModelConfig())
 
 
 def _python_model(class_name: str) -> bytes:
@@ -127,7 +119,7 @@ def _identity(names: tuple[str, ...]) -> dict[str, str]:
 
 
 def write_repository(
-    out: Path, *, target: str, onnx_files: dict[str, Path], manifest: dict, threads_per_model: int = 0,
+    out: Path, *, target: str, onnx_files: dict[str, Path], manifest: Manifest, threads_per_model: int = 0,
 ) -> list[Path]:
     """Write the full repository for ``target`` under ``out``; returns the config paths written.
 
@@ -135,16 +127,14 @@ def write_repository(
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
-    profile = manifest["profile"]
-    size = profile["image_size"]
-    tensors = stage_tensors(size, manifest["feature_width"], manifest["tokens"], len(profile["classes"]))
+    size = manifest.image_size
+    tensors = stage_tensors(size, manifest.feature_width, manifest.tokens, len(manifest.classes))
     written: list[Path] = []
 
-    def write(name: str, text: str, files: dict[str, bytes] | None = None) -> None:
-        parse_config(text)
-        directory = out / name
+    def write(config: mc.ModelConfig, files: dict[str, bytes] | None = None) -> None:
+        directory = out / config.name
         (directory / "1").mkdir(parents=True, exist_ok=True)
-        (directory / "config.pbtxt").write_text(text)
+        (directory / "config.pbtxt").write_text(text_format.MessageToString(config))
         for relative, data in (files or {}).items():
             (directory / relative).write_bytes(data)
         written.append(directory / "config.pbtxt")
@@ -160,18 +150,18 @@ def write_repository(
         if target == "embedded":
             files["1/model.py"] = _python_model("OnnxRuntimeModel")
         if stage == "head":
-            files["labels.txt"] = ("\n".join(profile["classes"]) + "\n").encode()
-        write(stage, model_config(
+            files["labels.txt"] = ("\n".join(manifest.classes) + "\n").encode()
+        write(model_config(
             stage, [tensors[n] for n in stage_inputs], [tensors[n] for n in stage_outputs], target=target,
             python=False, parameters=ort_parameters if target == "embedded" else None,
             label_output="probabilities" if stage == "head" else None,
         ), files)
-    write("preprocess", model_config(
+    write(model_config(
         "preprocess", [tensors["image_bytes"]], [tensors["image"]], target=target, python=True,
         parameters={
             "image_size": str(size),
-            "stain_reference": json.dumps(manifest["stain_reference"]),
-            "preprocess": json.dumps(profile["preprocess"]),
+            "stain_reference": json.dumps(manifest.stain_reference),
+            "preprocess": json.dumps(manifest.profile["preprocess"]),
         },
     ), {"1/model.py": _python_model("PreprocessModel")})
     outputs = [tensors[n] for n in ("probabilities", "feature_attention", "mask", "attention")]
@@ -180,17 +170,17 @@ def write_repository(
         ("features", {"segmented_image": "segmented_image"}, _identity(FEATURE_OUTPUTS)),
         ("head", {"features": "features"}, _identity(HEAD_OUTPUTS)),
     ]
-    write(ENSEMBLE, ensemble_config(ENSEMBLE, [tensors["image"]], outputs, core_steps),
-          {MANIFEST: json.dumps(manifest, indent=2).encode(), "1/.keep": b""})
+    write(ensemble_config(ENSEMBLE, [tensors["image"]], outputs, core_steps),
+          {MANIFEST: manifest.model_dump_json(indent=2).encode(), "1/.keep": b""})
     raw_steps = [("preprocess", {"image_bytes": "image_bytes"}, {"image": "image"}), *core_steps]
-    write(RAW_ENSEMBLE, ensemble_config(RAW_ENSEMBLE, [tensors["image_bytes"]], [*outputs, tensors["image"]],
-                                        raw_steps), {"1/.keep": b""})
+    write(ensemble_config(RAW_ENSEMBLE, [tensors["image_bytes"]], [*outputs, tensors["image"]], raw_steps),
+          {"1/.keep": b""})
     return written
 
 
-def read_manifest(repository: Path) -> dict:
+def read_manifest(repository: Path) -> Manifest:
     """The manifest that the exporter stored beside the ensemble's config (model version, calibration...)."""
     path = Path(repository) / ENSEMBLE / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {repository} a repository written by `hybridcn export`?")
-    return json.loads(path.read_text())
+    return Manifest.model_validate_json(path.read_text())

@@ -11,12 +11,14 @@ import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from gateway.client import AsyncTritonClient
+from engine.client import AsyncTritonClient
+from engine.model import ServedModel
+from engine.triton_server import EmbeddedTriton
 from gateway.dependencies import GatewayState
 from gateway.errors import install_error_handlers
+from gateway.jobs_executor import JobExecutor
 from gateway.metrics import GatewayMetrics
 from gateway.routers import classify, health, jobs
-from gateway.service import ServedModel
 from gateway.settings import GatewaySettings, get_settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -33,19 +35,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         server = None
         url = settings.triton_url
         if url is None:
-            from gateway.triton_launcher import EmbeddedTriton
-
             server = EmbeddedTriton(settings.repository, ready_timeout=settings.triton_ready_timeout_s)
             await anyio.to_thread.run_sync(server.start)
             url = server.grpc_url
             logger.info("embedded Triton ready at %s (http %s)", server.grpc_url, server.http_url)
         client = AsyncTritonClient(url, inflight=settings.inflight, timeout_s=settings.triton_timeout_s)
         threads = settings.preprocess_threads or (os.cpu_count() or 1)
-        app.state.gateway = GatewayState(settings, model, client, GatewayMetrics(), anyio.CapacityLimiter(threads))
+        executor = JobExecutor()
+        app.state.gateway = GatewayState(settings, model, client, GatewayMetrics(), anyio.CapacityLimiter(threads),
+                                         executor)
         app.state.triton_server = server
         try:
             yield
         finally:
+            executor.shutdown()
             await client.close()
             if server is not None:
                 await anyio.to_thread.run_sync(server.stop)
@@ -54,7 +57,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         title="HybridCN-NAS gateway",
         version="0.1.0",
         description="Acute lymphoblastic leukemia classification of peripheral blood smear fields "
-        "(Benign, Early Pre-B, Pre-B, Pro-B). Research use only; not a medical device.",
+        "(the classes are the served model's: `GET /v1/model`). Research use only; not a medical device.",
         lifespan=lifespan,
     )
     install_error_handlers(app)

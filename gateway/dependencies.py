@@ -8,9 +8,10 @@ from typing import Annotated
 import anyio
 from fastapi import Depends, Request
 
-from gateway.client import AsyncTritonClient
+from engine.client import AsyncTritonClient
+from engine.model import ServedModel
+from gateway.jobs_executor import JobExecutor
 from gateway.metrics import GatewayMetrics
-from gateway.service import ServedModel
 from gateway.settings import GatewaySettings
 
 
@@ -21,6 +22,7 @@ class GatewayState:
     client: AsyncTritonClient
     metrics: GatewayMetrics
     cpu_limiter: anyio.CapacityLimiter
+    jobs: JobExecutor
 
 
 def get_state(request: Request) -> GatewayState:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from gateway.client import TritonUnavailableError
+from engine.client import TritonUnavailableError
 from preprocessing import InvalidImageError
 
 #: HTTP status per InvalidImageError code.

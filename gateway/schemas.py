@@ -1,41 +1,14 @@
-"""Response schemas of the gateway's API (one family per resource)."""
+"""Response schemas of the gateway's own resources; field and slide results are the shared contracts."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 
-class CellBox(BaseModel):
-    bbox: list[int] = Field(description="x, y, width, height in field pixels")
-    area: int
-    centroid: list[float]
+from hybridcn.contracts import FieldResult, SlideSummary
 
-
-class FieldImages(BaseModel):
-    """PNG data URLs for display: the field as sent, preprocessed, and the model's maps."""
-
-    original: str
-    preprocessed: str
-    mask: str
-    attention: str
-    cells: list[str]
-    preprocessing: list[str] = Field(default_factory=list, description="the phase-1 steps behind `preprocessed`")
-
-
-class Classification(BaseModel):
-    label: str = Field(description="predicted class, one of Benign, Early, Pre, Pro")
-    probabilities: dict[str, float]
-    confidence: float
-    needs_review: bool
-    review_reasons: list[str]
-    review_threshold: float
-    cell_count: int = Field(description="cells split by watershed on the predicted mask")
-    cells: list[CellBox]
-    qc: dict
-    model_version: str
-    timings_ms: dict[str, float]
-    filename: str | None = None
-    images: FieldImages | None = None
+__all__ = ["FieldResult", "Health", "JobDetail", "JobList", "JobSummary", "ModelInfo", "Problem", "SlideSummary"]
 
 
 class Problem(BaseModel):
@@ -50,3 +23,42 @@ class Health(BaseModel):
     model_version: str | None = None
     triton: str | None = None
     max_upload_bytes: int | None = Field(None, description="uploads larger than this are refused (413)")
+
+
+class ModelInfo(BaseModel):
+    """What the served model's manifest says about it: the page reads its class names from here."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_version: str
+    classes: list[str] = Field(description="class order of every probability vector")
+    class_descriptions: dict[str, str]
+    image_size: int = Field(description="side of the square field the networks see")
+    field_size: int = Field(description="side of a field in scanner pixels (slides are tiled at this size)")
+    review_threshold: float
+    review_target_precision: float | None = None
+    preprocessing: list[str]
+
+
+class JobSummary(BaseModel):
+    """A batch job: its state and field counts (``total`` leaves out background tiles)."""
+
+    id: str
+    created: str | None = Field(None, description="ISO 8601 UTC time the job's ledger was created")
+    status: Literal["running", "done", "failed"]
+    detail: str | None = Field(None, description="'queued', or why a job failed or stopped")
+    model_version: str | None = None
+    total: int
+    done: int
+    failed: int
+    pending: int
+    background_skipped: int
+    report: str | None = Field(None, description="URL of the job's index.html once written")
+
+
+class JobDetail(JobSummary):
+    slides: list[SlideSummary] = Field(description="computed live from the ledger (so they move while a job runs)")
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]

@@ -8,13 +8,14 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+from hybridcn.config import default_repository
 
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HYBRIDCN_", extra="ignore")
 
-    repository: Path = Field(DEFAULT_REPOSITORY, description="Triton model repository written by `hybridcn export`")
+    repository: Path = Field(default_factory=default_repository,
+                             description="Triton model repository written by `hybridcn export`")
     triton_url: str | None = Field(None, description="HOST:PORT of Triton gRPC; unset = start the embedded server")
     max_upload_bytes: int = Field(40 * 1024 * 1024, gt=0)
     max_pixels: int = Field(64_000_000, gt=0)

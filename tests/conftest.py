@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import cv2
@@ -39,7 +38,7 @@ def artifacts_dir() -> Path:
 @pytest.fixture(scope="session")
 def triton_server():
     """The real embedded tritonserver serving the shipped repository on free 127.0.0.1 ports."""
-    from gateway.triton_launcher import EmbeddedTriton
+    from engine.triton_server import EmbeddedTriton
 
     server = EmbeddedTriton(REPOSITORY, ready_timeout=180)
     server.start()
@@ -56,16 +55,18 @@ class LiveGateway:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, timeout: float = 120) -> LiveGateway:
+        from engine.triton_server import wait_until
+
         self.thread.start()
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+
+        def ready() -> bool:
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("gateway did not become ready")
+                return False
+
+        wait_until(ready, timeout_s=timeout, interval_s=0.2)
+        return self
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -75,9 +76,9 @@ class LiveGateway:
 @pytest.fixture(scope="session")
 def gateway(triton_server, tmp_path_factory) -> LiveGateway:
     """The FastAPI gateway under uvicorn on a free port, talking gRPC to the session's Triton."""
+    from engine.triton_server import free_port
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
-    from gateway.triton_launcher import free_port
 
     settings = GatewaySettings(repository=REPOSITORY, triton_url=triton_server.grpc_url,
                                batch_jobs_dir=tmp_path_factory.mktemp("jobs"))

@@ -7,11 +7,11 @@ import time
 import anyio
 from fastapi import APIRouter, Query, Request
 
+from engine.field import interpret, prepare_bytes
+from engine.overlays import field_images
 from gateway.dependencies import State
 from gateway.errors import ApiError
-from gateway.overlays import field_images
-from gateway.schemas import Classification, Problem
-from gateway.service import interpret, prepare_bytes
+from gateway.schemas import FieldResult, ModelInfo, Problem
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
@@ -38,7 +38,7 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str | None]
 
 @router.post(
     "/classify",
-    response_model=Classification,
+    response_model=FieldResult,
     response_model_exclude_none=True,
     responses={code: {"model": Problem} for code in (400, 413, 415, 422, 503)},
 )
@@ -46,7 +46,7 @@ async def classify_field(
     request: Request,
     state: State,
     images: bool = Query(False, description="include PNG data URLs of the field, mask and attention"),
-) -> Classification:
+) -> FieldResult:
     """Classify one smear field: class, four probabilities, confidence, review flag and cell count."""
     started = time.perf_counter()
     data, filename = await _read_upload(request, state.settings.max_upload_bytes)
@@ -57,13 +57,13 @@ async def classify_field(
     result = await anyio.to_thread.run_sync(
         lambda: interpret(prepared, output, state.model, {"triton": infer_ms}), limiter=state.cpu_limiter
     )
-    extra = {}
+    result.filename = filename
     if images:
-        extra["images"] = await anyio.to_thread.run_sync(
-            field_images, prepared.display, prepared.preprocessed, output.mask[0], output.attention[0],
-            result.cells, limiter=state.cpu_limiter,
+        result.images = await anyio.to_thread.run_sync(
+            lambda: field_images(prepared.display, prepared.preprocessed, output.mask[0], output.attention[0],
+                                 result.cells, steps=state.model.preprocess.steps()),
+            limiter=state.cpu_limiter,
         )
-        extra["images"]["preprocessing"] = state.model.preprocess.steps()
     result.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
     metrics = state.metrics
     metrics.requests.labels("ok").inc()
@@ -72,5 +72,17 @@ async def classify_field(
         metrics.reviews.inc()
     for stage, ms in result.timings_ms.items():
         metrics.stage_seconds.labels(stage).observe(ms / 1000.0)
-    return Classification(**result.to_dict(), review_threshold=state.model.review_threshold, filename=filename,
-                          **extra)
+    return result
+
+
+@router.get("/model", response_model=ModelInfo)
+async def get_model(state: State) -> ModelInfo:
+    """The served model's facts from its manifest: version, class order and names, sizes, review threshold."""
+    model = state.model
+    manifest = model.manifest
+    return ModelInfo(model_version=model.model_version, classes=list(model.classes),
+                     class_descriptions={c: manifest.class_descriptions.get(c, c) for c in model.classes},
+                     image_size=model.image_size, field_size=model.field_size,
+                     review_threshold=model.review_threshold,
+                     review_target_precision=manifest.review_target_precision,
+                     preprocessing=model.preprocess.steps())

@@ -2,38 +2,37 @@
 
 A job is a folder under ``settings.batch_jobs_dir`` with a batch ledger in it, so runs started from the
 command line into that folder (``hybridcn batch ... --out $HYBRIDCN_BATCH_JOBS_DIR/NAME``) are listed
-too: the ledger is the source of truth. Jobs submitted here run one at a time in a background thread
-of the gateway, through the same runner as ``hybridcn batch``, against the gateway's Triton.
+too: the ledger is the source of truth. Jobs submitted here run one at a time on the app's
+:class:`~gateway.jobs_executor.JobExecutor`, through the same runner as ``hybridcn batch``, against the
+gateway's Triton.
 """
 
 from __future__ import annotations
 
 import logging
 import mimetypes
-import queue
 import re
 import secrets
 import shutil
 import sqlite3
-import threading
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import anyio
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
 
+from batch.html import INDEX_HTML
 from batch.inputs import FIELD_SUFFIXES, OPENSLIDE_SUFFIXES
 from batch.ledger import DONE, FAILED, LEDGER_FILE, PENDING, SKIPPED, LedgerError, SQLiteLedger
 from batch.progress import LogProgress
-from batch.reports import INDEX_HTML, summarize_slides
 from batch.runner import BatchOptions, run_batch, run_in_progress
+from batch.summary import summarize_slides
 from gateway.dependencies import State
 from gateway.errors import ApiError
-from gateway.schemas import Problem
+from gateway.jobs_executor import JobExecutor
+from gateway.schemas import JobDetail, JobList, JobSummary, Problem
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 logger = logging.getLogger("hybridcn.jobs")
@@ -43,87 +42,6 @@ _SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 _HIDDEN = (LEDGER_FILE, ".")
 DEFAULT_SLIDE_ID = "upload"
 _REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-
-
-class JobSummary(BaseModel):
-    """A batch job: its state and field counts (``total`` leaves out background tiles)."""
-
-    id: str
-    created: str | None = Field(None, description="ISO 8601 UTC time the job's ledger was created")
-    status: Literal["running", "done", "failed"]
-    detail: str | None = Field(None, description="'queued', or why a job failed or stopped")
-    model_version: str | None = None
-    total: int
-    done: int
-    failed: int
-    pending: int
-    background_skipped: int
-    report: str | None = Field(None, description="URL of the job's index.html once written")
-
-
-class SlideResult(BaseModel):
-    """One slide of a job, computed live from the ledger (so it moves while the job runs)."""
-
-    slide_id: str
-    fields: int
-    done: int
-    failed: int
-    pending: int
-    background_skipped: int
-    class_counts: dict[str, int]
-    verdict: str | None = Field(None, description="class with the highest confidence-weighted score")
-    verdict_scores: dict[str, float] = Field(description="sum(conf*p)/sum(conf) over the slide's fields")
-    verdict_confidence: float | None = None
-    malignant_score: float | None = Field(None, description="Early + Pre + Pro scores")
-    review_fields: int
-    review_share: float | None = None
-    estimated_blast_cells: int = Field(description="cell counts of the fields predicted Early, Pre or Pro")
-    cells_total: int
-    report: str | None = Field(None, description="URL of the slide's HTML report once written")
-
-
-class JobDetail(JobSummary):
-    slides: list[SlideResult]
-
-
-class JobList(BaseModel):
-    jobs: list[JobSummary]
-
-
-class _JobQueue:
-    """One background thread runs submitted jobs in order (a batch run already uses every core)."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[str, Callable[[], None]]] = queue.Queue()
-        self._active: set[str] = set()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, job_id: str, work: Callable[[], None]) -> None:
-        with self._lock:
-            self._active.add(job_id)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="batch-jobs", daemon=True)
-                self._thread.start()
-        self._queue.put((job_id, work))
-
-    def active(self, job_id: str) -> bool:
-        with self._lock:
-            return job_id in self._active
-
-    def _loop(self) -> None:
-        while True:
-            job_id, work = self._queue.get()
-            try:
-                work()
-            except Exception:
-                logger.exception("batch job %s failed", job_id)
-            finally:
-                with self._lock:
-                    self._active.discard(job_id)
-
-
-_JOBS = _JobQueue()
 
 
 def _jobs_dir(state) -> Path:
@@ -141,10 +59,13 @@ def _file_url(job_id: str, relative: str) -> str:
     return f"/v1/jobs/{job_id}/files/{relative}"
 
 
-def _status(job_id: str, job_dir: Path, meta: dict[str, str]) -> tuple[str, str | None]:
+def _status(jobs: JobExecutor, job_id: str, job_dir: Path, meta: dict[str, str],
+            counts: dict[str, int]) -> tuple[str, str | None]:
     state = meta.get("run_state", "")
-    if run_in_progress(job_dir) or _JOBS.active(job_id):
+    if run_in_progress(job_dir) or jobs.active(job_id):
         return "running", "queued" if state == "queued" else None
+    if state == "done" and counts[FAILED] and not counts[DONE]:
+        return "failed", f"every field failed ({counts[FAILED]}); the reasons are in results.csv"
     if state == "done":
         return "done", None
     if state == "failed":
@@ -160,7 +81,7 @@ def _read_job(state, job_id: str, job_dir: Path, *, slides: bool) -> JobSummary 
             rows = ledger.rows() if slides else []
     except (LedgerError, sqlite3.Error) as error:  # e.g. a ledger that a starting run is creating right now
         raise ApiError(503, "unreadable_job", f"batch job {job_id!r} cannot be read now: {error}") from error
-    status, detail = _status(job_id, job_dir, meta)
+    status, detail = _status(state.jobs, job_id, job_dir, meta, counts)
     summary = dict(
         id=job_id, created=meta.get("created"), status=status, detail=detail, model_version=meta.get("model_version"),
         total=counts[DONE] + counts[FAILED] + counts[PENDING], done=counts[DONE], failed=counts[FAILED],
@@ -169,12 +90,9 @@ def _read_job(state, job_id: str, job_dir: Path, *, slides: bool) -> JobSummary 
     )
     if not slides:
         return JobSummary(**summary)
-    results = []
-    for s in summarize_slides(rows, state.model.classes):
-        values = s.to_dict()
-        values["report"] = _file_url(job_id, s.report) if (job_dir / s.report).is_file() else None
-        results.append(SlideResult(**values))
-    return JobDetail(**summary, slides=results)
+    slides_now = [s.model_copy(update={"report": _file_url(job_id, s.report) if (job_dir / s.report).is_file()
+                                       else None}) for s in summarize_slides(rows, state.model.classes)]
+    return JobDetail(**summary, slides=slides_now)
 
 
 def _safe_filename(name: str | None, index: int) -> str:
@@ -254,9 +172,9 @@ async def create_job(
     job_dir = await anyio.to_thread.run_sync(
         _create_job, state, job_id, [(name, upload.file) for name, upload in zip(names, files, strict=True)], slide)
     options = BatchOptions(out_dir=job_dir, repository=Path(state.settings.repository),
-                           triton_urls=(request.app.state.gateway.client.url,), tile="always" if tile else "auto",
+                           triton_urls=(state.client.url,), tile="always" if tile else "auto",
                            request_timeout_s=max(60.0, state.settings.triton_timeout_s))
-    _JOBS.submit(job_id, lambda: _run_job(job_dir, options))
+    state.jobs.submit(job_id, lambda: _run_job(job_dir, options))
     logger.info("job %s: %d files of slide %r queued", job_id, len(names), slide)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return _read_job(state, job_id, job_dir, slides=False)

@@ -10,12 +10,20 @@
   const JOBS_IDLE_MS = 15000;
   const DEFAULT_OPACITY = 55;
 
-  const CLASS_NAMES = {
-    Benign: { name: "Benign", sub: "hematogones" },
-    Early: { name: "Early Pre-B ALL", sub: "malignant" },
-    Pre: { name: "Pre-B ALL", sub: "malignant" },
-    Pro: { name: "Pro-B ALL", sub: "malignant" },
-  };
+  /* Class names come from the served model's manifest (GET v1/model), never from this file. */
+  const CLASS_NAMES = {};
+
+  async function loadModel() {
+    try {
+      const response = await fetch("v1/model", { cache: "no-store", headers: { Accept: "application/json" } });
+      if (!response.ok) return false;
+      const model = await response.json();
+      for (const [label, name] of Object.entries(model.class_descriptions || {})) CLASS_NAMES[label] = { name };
+      return true;
+    } catch (error) {
+      return false;
+    }
+  }
 
   /* The API's error codes in plain words; the server's detail is shown under them. */
   const ERROR_TEXT = {
@@ -104,6 +112,7 @@
       const response = await fetch("readyz", { cache: "no-store", headers: { Accept: "application/json" } });
       const body = await response.json().catch(() => null);
       ok = response.ok;
+      if (ok && !Object.keys(CLASS_NAMES).length) await loadModel();
       setReady(ok, body, ok ? null : "starting");
     } catch (error) {
       setReady(false, null, "unreachable");
@@ -650,11 +659,17 @@
 
     const slides = slidesOf(job);
     item.querySelector(".job-slides").replaceChildren(...slides.map((slide) => {
-      const verdict = slide.verdict
+      const leading = slide.verdict
         ? `${className(slide.verdict)}${typeof slide.verdict_confidence === "number" ? ` (${pct(slide.verdict_confidence, 0)})` : ""}`
+        : "";
+      const reasons = (slide.verdict_reasons || []).join("; ");
+      const verdict = slide.verdict_status === "conclusive" ? leading
+        : slide.verdict_status === "inconclusive" ? `Inconclusive: needs review (${reasons}${leading ? `; leading: ${leading}` : ""})`
+        : slide.verdict_status === "failed" ? `Failed: ${reasons}`
         : "no verdict yet";
       const review = slide.review_fields ? ` · ${slide.review_fields} for review` : "";
-      return h("li", { class: "job-slide", "data-class": slide.verdict || null },
+      return h("li", { class: "job-slide", "data-class": slide.verdict_status === "conclusive" ? slide.verdict : null,
+        "data-verdict": slide.verdict_status || null },
         h("span", { class: "slide-name", text: slide.slide_id }),
         h("span", { class: "slide-verdict", text: `${verdict}${review}` }),
         slide.report

@@ -81,3 +81,16 @@ def test_jobs_from_the_command_line_are_listed_and_an_interrupted_one_says_so(ga
         assert job["detail"].startswith("interrupted")
         detail = client.get("/v1/jobs/cli-run-7").json()
         assert detail["slides"][0]["slide_id"] == "S1" and detail["slides"][0]["pending"] == 2
+
+
+def test_a_job_whose_every_field_failed_is_failed_not_done(gateway):
+    files = [("files", (f"broken-{i}.png", b"\x89PNG\r\n\x1a\n not really", "image/png")) for i in range(2)]
+    with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        response = client.post("/v1/jobs", files=files, data={"slide_id": "slide-X"})
+        assert response.status_code == 202, response.text
+        job = _wait(client, f"/v1/jobs/{response.json()['id']}")
+        assert (job["status"], job["done"], job["failed"]) == ("failed", 0, 2), job
+        assert job["detail"].startswith("every field failed")
+        (slide,) = job["slides"]
+        assert slide["verdict_status"] == "failed" and slide["verdict"] is None
+        assert slide["estimated_blast_cells"] == 0

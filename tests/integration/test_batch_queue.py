@@ -14,9 +14,10 @@ import pytest
 import tifffile
 
 from batch.ledger import DONE, FAILED, LEDGER_FILE, SKIPPED, TILE, SQLiteLedger
-from batch.reports import ReportWriteError, gallery_selection, result_columns
+from batch.reports import ReportWriteError, result_columns
 from batch.runner import BatchOptions, run_batch
-from gateway.service import ServedModel
+from batch.summary import gallery_selection
+from engine.model import ServedModel
 from hybridcn.synth import synth_field
 from preprocessing import field_qc
 

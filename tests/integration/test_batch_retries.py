@@ -8,11 +8,12 @@ import cv2
 import pytest
 
 from batch.ledger import DONE, FAILED, LEDGER_FILE, PENDING, SQLiteLedger
+from batch.pipeline import TritonNotReadyError, _Pipeline
 from batch.progress import LogProgress
-from batch.runner import BatchOptions, TritonNotReadyError, _Pipeline
-from gateway.client import TritonClient
-from gateway.service import ServedModel
-from gateway.triton_launcher import free_port
+from batch.runner import BatchOptions
+from engine.client import TritonClient
+from engine.model import ServedModel
+from engine.triton_server import free_port
 from hybridcn.synth import synth_field
 
 pytestmark = pytest.mark.integration

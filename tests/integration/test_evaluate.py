@@ -1,4 +1,5 @@
-"""``hybridcn evaluate`` on a labelled folder: the DESIGN.md contract, in-process and through Triton."""
+"""``hybridcn evaluate`` on a labelled folder: the evaluation contract (n, accuracy, balanced_accuracy,
+macro_auc, mcc, per_class, confusion), in-process and through Triton."""
 
 from __future__ import annotations
 
@@ -40,3 +41,18 @@ def test_evaluate_in_process_and_through_triton_agree(labelled, triton_server, t
     assert local["accuracy"] == served["accuracy"] and local["confusion"] == served["confusion"]
     for a, b in zip(local["predictions"], served["predictions"], strict=True):
         assert a["predicted"] == b["predicted"] and abs(a["confidence"] - b["confidence"]) <= 1e-5
+
+
+def test_the_shift_benchmark_reports_every_kind_against_the_clean_fields(labelled, tmp_path):
+    from preprocessing.shifts import SHIFTS
+
+    result = _evaluate(labelled, tmp_path / "shift.json", "--shift", "5")
+    shifts = result["shifts"]
+    assert shifts["seed"] == 5 and set(shifts["kinds"]) == set(SHIFTS)
+    assert shifts["clean"]["accuracy"] == result["accuracy"]
+    for row in shifts["kinds"].values():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["fraction_to_review"] <= 1
+        assert row["accuracy_drop_points"] == round(100 * (result["accuracy"] - row["accuracy"]), 2)
+    assert shifts["worst_drop_points"] == max(r["accuracy_drop_points"] for r in shifts["kinds"].values())
+    again = _evaluate(labelled, tmp_path / "again.json", "--shift", "5")
+    assert again["shifts"]["kinds"] == shifts["kinds"]  # seeded: the same fields, the same shifts

@@ -13,9 +13,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
 
+from engine.client import TritonClient
+from engine.field import prepare_array, prepare_bytes
+from engine.model import ServedModel
 from export.runtime import OUTPUTS, OnnxEnsemble
-from gateway.client import TritonClient
-from gateway.service import ServedModel, prepare_array, prepare_bytes
 from tests.conftest import REPOSITORY, LiveGateway, encode
 
 pytestmark = pytest.mark.integration
@@ -151,9 +152,9 @@ def test_gateway_accepts_a_16bit_tiff(gateway):
 
 
 def test_gateway_refuses_oversized_uploads(triton_server, fields, tmp_path):
+    from engine.triton_server import free_port
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
-    from gateway.triton_launcher import free_port
 
     settings = GatewaySettings(repository=REPOSITORY, triton_url=triton_server.grpc_url, max_upload_bytes=10_000)
     live = LiveGateway(create_app(settings), free_port()).start()
@@ -177,9 +178,9 @@ def test_health_readiness_metrics_and_openapi(gateway, fields):
 
 
 def test_gateway_with_dead_triton_is_not_ready_and_says_so(fields):
+    from engine.triton_server import free_port
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
-    from gateway.triton_launcher import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     settings = GatewaySettings(repository=REPOSITORY, triton_url=dead, triton_timeout_s=3)

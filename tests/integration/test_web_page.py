@@ -20,7 +20,6 @@ pytestmark = pytest.mark.integration
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-CLASS_NAMES = {"Benign": "Benign", "Early": "Early Pre-B ALL", "Pre": "Pre-B ALL", "Pro": "Pro-B ALL"}
 TIMEOUT_MS = 30_000
 
 
@@ -103,7 +102,10 @@ def test_page_classifies_a_field_and_switches_overlays(browsing, gateway, field_
     api = httpx.post(f"{gateway.url}/v1/classify", files={"file": ("field-0.png", field_png.read_bytes())},
                      timeout=60).json()
     expect(card).to_have_attribute("data-label", api["label"])
-    expect(card.locator(".verdict-label")).to_have_text(CLASS_NAMES[api["label"]])
+    # the page names classes as the served model's manifest does, not from a list of its own
+    names = httpx.get(f"{gateway.url}/v1/model", timeout=10).json()["class_descriptions"]
+    assert set(names) == set(api["probabilities"])
+    expect(card.locator(".verdict-label")).to_have_text(names[api["label"]])
     expect(card.locator(".filename")).to_have_text("field-0.png")
     expect(card.locator(".prob")).to_have_count(4)
     shown = dict(zip(card.locator(".prob").evaluate_all("els => els.map(e => e.dataset.class)"),
@@ -119,7 +121,7 @@ def test_page_classifies_a_field_and_switches_overlays(browsing, gateway, field_
                              files={"file": ("field-0.png", field_png.read_bytes())}, timeout=60).json()
     steps = ", ".join(with_images["images"]["preprocessing"])
     expect(card.locator("figcaption", has_text="Preprocessed")).to_have_text(f"Preprocessed ({steps})")
-    expect(page.locator("#announcer")).to_contain_text(CLASS_NAMES[api["label"]])
+    expect(page.locator("#announcer")).to_contain_text(names[api["label"]])
     assert page.locator("img:not([alt]), img[alt='']").count() == 0
 
     overlay = card.locator("img.overlay")
@@ -259,11 +261,15 @@ def test_batch_view_submits_files_and_follows_progress(browsing, fields, tmp_pat
 
     def job_api(route):
         current = progress()
+        finished = current["status"] == "done"
         slide = {"slide_id": "MOCK-SLIDE-7", "fields": 2, "done": current["done"], "failed": 0,
-                 "verdict": "Pre" if current["status"] == "done" else None, "verdict_confidence": 0.91,
-                 "review_fields": 1, "report": "/v1/jobs/x/files/slides/MOCK-SLIDE-7.html"
-                 if current["status"] == "done" else None}
-        route.fulfill(json={**current, "slides": [slide]})
+                 "verdict": "Pre" if finished else None, "verdict_confidence": 0.91,
+                 "verdict_status": "conclusive" if finished else "pending", "verdict_reasons": [],
+                 "review_fields": 1, "report": "/v1/jobs/x/files/slides/MOCK-SLIDE-7.html" if finished else None}
+        disputed = {"slide_id": "MOCK-SLIDE-8", "fields": 6, "done": 6, "failed": 0, "verdict": "Early",
+                    "verdict_confidence": 0.49, "verdict_status": "inconclusive", "review_fields": 0,
+                    "verdict_reasons": ["fields disagree: Early 0.49 against Benign 0.48 (margin under 0.25)"]}
+        route.fulfill(json={**current, "slides": [slide, disputed]})
 
     page.route("**/v1/jobs", jobs_api)
     page.route(f"**/v1/jobs/{job['id']}", job_api)
@@ -287,9 +293,13 @@ def test_batch_view_submits_files_and_follows_progress(browsing, fields, tmp_pat
     expect(item.get_by_role("link")).to_have_count(0)
     expect(item).to_have_attribute("data-status", "done", timeout=8_000)  # polled, no user action
     expect(item.get_by_role("link", name="Open job report")).to_have_attribute("href", report.lstrip("/"))
-    expect(item.locator(".job-slide")).to_contain_text("Pre-B ALL (91%) · 1 for review")
+    expect(item.locator(".job-slide").first).to_contain_text("Pre-B ALL (91%) · 1 for review")
+    # a slide whose fields disagree is no verdict: the page says so, with the reason
+    disputed = item.locator(".job-slide").nth(1)
+    expect(disputed).to_have_attribute("data-verdict", "inconclusive")
+    expect(disputed).to_contain_text("Inconclusive: needs review (fields disagree: Early 0.49 against Benign")
     expect(item.get_by_role("link", name="Report for slide MOCK-SLIDE-7")).to_be_visible()
-    expect(page.locator("#announcer")).to_contain_text("MOCK-SLIDE-7: done")
+    expect(page.locator("#announcer")).to_contain_text("MOCK-SLIDE-7, MOCK-SLIDE-8: done")
     body = seen["body"]
     assert body.count(b'name="files"') == 2
     assert b'filename="slide-field-1.png"' in body and b'filename="slide-field-2.png"' in body

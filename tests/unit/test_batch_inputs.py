@@ -21,7 +21,7 @@ from batch.inputs import (
 )
 from batch.ledger import FIELD, SKIPPED, TILE
 from batch.worker import OK, ReaderCache, prepare_one
-from gateway.service import ServedModel
+from engine.model import ServedModel
 from hybridcn.synth import synth_field
 from preprocessing import field_qc
 

@@ -16,6 +16,7 @@ from batch.ledger import (
     ModelVersionMismatchError,
     SQLiteLedger,
 )
+from hybridcn.contracts import FieldQCResult, FieldResult
 
 SPECS = [FieldSpec("S2", "/data/S2/a.png"), FieldSpec("S1", "/data/S1/b.png"), FieldSpec("S1", "/data/S1/a.png"),
          FieldSpec("S3", "/data/slide.tif", TILE, 224, 0, 224, 224),
@@ -24,9 +25,10 @@ SPECS = [FieldSpec("S2", "/data/S2/a.png"), FieldSpec("S1", "/data/S1/b.png"), F
 
 def _done(field_id: int, label: str = "Pre") -> FieldOutcome:
     probabilities = {"Benign": 0.1, "Early": 0.1, "Pre": 0.7, "Pro": 0.1}
-    return FieldOutcome(field_id, DONE, label=label, probabilities=probabilities,
-                        confidence=0.7, needs_review=True, review_reasons=["confidence 0.700 below 0.9"], cell_count=3,
-                        qc_flags=["blurred"], model_version="v1")
+    return FieldOutcome(field_id, DONE, FieldResult(
+        label=label, probabilities=probabilities, confidence=0.7, needs_review=True,
+        review_reasons=["confidence 0.700 below 0.9"], review_threshold=0.9, cell_count=3,
+        qc=FieldQCResult(blurred=True, flags=["blurred"]), model_version="v1"))
 
 
 @pytest.fixture

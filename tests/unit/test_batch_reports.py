@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 
 from batch.ledger import DONE, FAILED, PENDING, SKIPPED, TILE, FieldOutcome, FieldRow, FieldSpec, SQLiteLedger
-from batch.reports import (
-    ReportWriteError,
-    gallery_selection,
-    result_columns,
-    results_csv,
-    slide_report_name,
-    summarize_slide,
-    write_reports,
-)
-from batch.runner import OutputBusyError, output_lock, run_in_progress
+from batch.lock import OutputBusyError, output_lock, run_in_progress
+from batch.reports import ReportWriteError, result_columns, results_csv, write_reports
+from batch.summary import gallery_selection, slide_report_name, summarize_slide
+from hybridcn.contracts import FieldQCResult, FieldResult
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 
@@ -30,10 +24,14 @@ def _row(field_id, status=DONE, probabilities=None, cells=0, review=False, slide
     label = max(probabilities, key=probabilities.get) if probabilities else None
     spec = FieldSpec(slide, f"/data/{slide}/f{field_id}.png", kind, 224 * field_id if kind == TILE else 0, 0,
                      224 if kind == TILE else 0, 224 if kind == TILE else 0)
-    return FieldRow(field_id, spec, status, label if status == DONE else None, probabilities if status == DONE else {},
-                    max(probabilities.values()) if status == DONE else None, review if status == DONE else None,
-                    ["confidence below threshold"] if review else [], cells if status == DONE else None, [], "v1",
-                    error, 1, None)
+    result = _result(label, probabilities, cells=cells, review=review) if status == DONE else None
+    return FieldRow(field_id, spec, status, result, error, 1, None)
+
+
+def _result(label, probabilities, *, cells=0, review=False, flags=()) -> FieldResult:
+    return FieldResult(label=label, probabilities=probabilities, confidence=max(probabilities.values()),
+                       needs_review=review, review_reasons=["confidence below threshold"] if review else [],
+                       review_threshold=0.9, cell_count=cells, qc=FieldQCResult(flags=list(flags)), model_version="v1")
 
 
 def _p(benign, early, pre, pro):
@@ -63,8 +61,10 @@ def test_slide_summary_maths():
     counts = (summary.fields, summary.done, summary.failed, summary.pending, summary.background_skipped)
     assert counts == (5, 3, 1, 1, 1)
     assert summary.review_fields == 1 and summary.review_share == pytest.approx(1 / 3, abs=1e-6)
-    assert summary.estimated_blast_cells == 5 + 4  # Early and Pro fields' cells; the Benign field's 3 are not blasts
+    # only confidently malignant fields count: Pro's 4 (Early's 5 are in a field flagged for review)
+    assert summary.estimated_blast_cells == 4
     assert summary.cells_total == 12
+    assert summary.verdict_status == "inconclusive"  # fields disagree, one failed, one pending
 
 
 def test_confidence_weighting_lets_confident_fields_outvote_uncertain_ones():
@@ -74,6 +74,64 @@ def test_confidence_weighting_lets_confident_fields_outvote_uncertain_ones():
     assert summary.class_counts["Benign"] == 3 and summary.verdict == "Pro"
     empty = summarize_slide("S", [_row(1, status=FAILED)], CLASSES)
     assert (empty.verdict, empty.verdict_scores, empty.review_share, empty.estimated_blast_cells) == (None, {}, None, 0)
+    assert empty.verdict_status == "failed" and empty.verdict_reasons == ["all 1 fields failed"]
+
+
+def _confident(field_id, label, *, review=False, cells=2):
+    probabilities = {name: (0.97 if name == label else 0.01) for name in CLASSES}
+    return _row(field_id, probabilities=probabilities, review=review, cells=cells)
+
+
+def test_a_slide_of_agreeing_confident_fields_is_conclusive():
+    summary = summarize_slide("S", [_confident(i, "Pre") for i in range(1, 9)], CLASSES)
+    assert (summary.verdict_status, summary.verdict, summary.verdict_reasons) == ("conclusive", "Pre", [])
+    assert summary.estimated_blast_cells == 16
+
+
+def test_fields_that_disagree_make_the_slide_inconclusive():
+    # 3 confident Benign + 3 confident Early: the leading class wins by a hair, which is no verdict
+    rows = [_confident(i, "Benign") for i in range(1, 4)] + [_confident(i, "Early") for i in range(4, 7)]
+    summary = summarize_slide("S", rows, CLASSES)
+    assert summary.verdict_status == "inconclusive"
+    assert len(summary.verdict_reasons) == 1 and summary.verdict_reasons[0].startswith("fields disagree")
+    # a clear majority is not a disagreement
+    rows = [_confident(i, "Benign") for i in range(1, 9)] + [_confident(9, "Early")]
+    assert summarize_slide("S", rows, CLASSES).verdict_status == "conclusive"
+
+
+def test_too_many_fields_to_review_make_the_slide_inconclusive():
+    # the leading class looks certain, but most of its fields were flagged for review
+    rows = [_confident(i, "Benign", review=i <= 6) for i in range(1, 9)]
+    summary = summarize_slide("S", rows, CLASSES)
+    assert summary.verdict == "Benign" and summary.verdict_status == "inconclusive"
+    assert summary.verdict_reasons == ["6 of 8 fields need review (75%, over 25%)"]
+    rows = [_confident(i, "Benign", review=i <= 2) for i in range(1, 9)]  # 25%: at the limit, allowed
+    assert summarize_slide("S", rows, CLASSES).verdict_status == "conclusive"
+
+
+def test_failed_or_pending_fields_make_the_slide_inconclusive():
+    rows = [_confident(i, "Pro") for i in range(1, 6)]
+    failed = summarize_slide("S", [*rows, _row(6, status=FAILED, error="truncated")], CLASSES)
+    assert failed.verdict_status == "inconclusive" and failed.verdict_reasons == ["1 of 6 fields failed"]
+    pending = summarize_slide("S", [*rows, _row(6, status=PENDING)], CLASSES)
+    assert pending.verdict_reasons == ["1 of 6 fields not yet classified"]
+    assert summarize_slide("S", [_row(1, status=PENDING)], CLASSES).verdict_status == "pending"
+    skipped = summarize_slide("S", [_row(1, status=SKIPPED, kind=TILE)], CLASSES)
+    assert skipped.verdict_status == "empty"
+
+
+def test_blasts_are_counted_only_in_confidently_malignant_fields():
+    rows = [_confident(1, "Benign", cells=7), _confident(2, "Pre", cells=3),
+            _confident(3, "Pro", cells=5, review=True)]
+    assert summarize_slide("S", rows, CLASSES).estimated_blast_cells == 3
+
+
+def test_rules_are_settings():
+    from batch.summary import VerdictRules
+
+    rows = [_confident(i, "Benign") for i in range(1, 4)] + [_confident(i, "Early") for i in range(4, 7)]
+    lenient = VerdictRules(min_margin=0.0)
+    assert summarize_slide("S", rows, CLASSES, lenient).verdict_status == "conclusive"
 
 
 def test_results_csv_has_one_row_per_field_and_leaves_out_background_tiles():
@@ -127,13 +185,11 @@ def test_a_full_disk_fails_loudly_keeps_the_old_files_and_the_ledger(tmp_path, m
     with SQLiteLedger(tmp_path / "ledger.sqlite") as ledger:
         ledger.bind_model("v1")
         ledger.register([FieldSpec("S1", f"/data/f{i}.png") for i in range(3)])
-        ledger.record([FieldOutcome(p.field_id, DONE, label="Pre", probabilities=_p(0.1, 0.1, 0.7, 0.1),
-                                    confidence=0.7, needs_review=False, cell_count=2, model_version="v1")
+        ledger.record([FieldOutcome(p.field_id, DONE, _result("Pre", _p(0.1, 0.1, 0.7, 0.1), cells=2))
                        for p in ledger.pending()[:2]])
         write_reports(ledger.rows(), tmp_path, classes=CLASSES, model_version="v1")
         before = (tmp_path / "results.csv").read_text()
-        ledger.record([FieldOutcome(ledger.pending()[0].field_id, DONE, label="Pro", probabilities=_p(0, 0, 0, 1),
-                                    confidence=1.0, needs_review=False, cell_count=1, model_version="v1")])
+        ledger.record([FieldOutcome(ledger.pending()[0].field_id, DONE, _result("Pro", _p(0, 0, 0, 1), cells=1))])
         import batch.reports
 
         def disk_full(fd):
@@ -161,7 +217,7 @@ def test_one_run_per_output_folder(tmp_path):
 
 
 def test_the_running_gallery_stores_exactly_the_final_gallery_fields():
-    from batch.reports import GalleryKeeper
+    from batch.summary import GalleryKeeper
 
     rng = np.random.default_rng(3)
     rows = []
@@ -187,3 +243,13 @@ def test_the_running_gallery_stores_exactly_the_final_gallery_fields():
             flagged, worst = gallery_selection([r for r in rows if r.spec.slide_id == slide], CLASSES, size=4)
             expected |= {r.field_id for r in (*flagged, *worst)}
         assert stored == expected
+
+
+def test_reports_show_an_inconclusive_slide_and_its_reasons(tmp_path):
+    rows = [_confident(i, "Benign") for i in range(1, 4)] + [_confident(i, "Early") for i in range(4, 7)]
+    files = write_reports(rows, tmp_path, classes=CLASSES, model_version="v1")
+    for page in (files.index, *files.slide_reports):
+        text = page.read_text()
+        assert "Inconclusive: needs review" in text and "fields disagree" in text
+    slides = list(csv.DictReader(io.StringIO((tmp_path / "slides.csv").read_text())))
+    assert slides[0]["verdict_status"] == "inconclusive" and "fields disagree" in slides[0]["verdict_reasons"]

@@ -52,7 +52,7 @@ def test_bad_options_are_refused():
 
 
 def test_the_embedded_server_a_batch_starts_runs_one_ort_thread_per_stage(monkeypatch):
-    from gateway.triton_launcher import EmbeddedTriton
+    from engine.triton_server import EmbeddedTriton
 
     monkeypatch.delenv("HYBRIDCN_ORT_THREADS", raising=False)
     assert "HYBRIDCN_ORT_THREADS" not in EmbeddedTriton(Path("repo")).environment()  # serve: repository setting
@@ -63,7 +63,7 @@ def test_the_embedded_server_a_batch_starts_runs_one_ort_thread_per_stage(monkey
 def test_endpoints_are_used_round_robin_and_a_retry_goes_elsewhere():
     from types import SimpleNamespace
 
-    from batch.runner import _Pipeline, _Request
+    from batch.pipeline import _Pipeline, _Request
 
     clients = [SimpleNamespace(url=u) for u in ("a:1", "b:1", "c:1")]
     pipeline = _Pipeline(None, None, clients, BatchOptions(out_dir=Path("x")), None, {})

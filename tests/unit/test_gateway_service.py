@@ -10,9 +10,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engine.field import interpret, prepare_array
+from engine.model import ServedModel
+from engine.overlays import field_images
 from export.runtime import EnsembleOutput
-from gateway.overlays import field_images
-from gateway.service import ServedModel, interpret, prepare_array
 from hybridcn.synth import synth_field
 from preprocessing import split_cells
 
@@ -26,7 +27,9 @@ def _png_size(url: str) -> tuple[int, int]:
 
 
 def _half_resolution_model() -> ServedModel:
-    return replace(ServedModel.from_repository(ROOT / "model_repository"), image_size=112, field_size=224)
+    model = ServedModel.from_repository(ROOT / "model_repository")
+    manifest = model.manifest.model_copy(update={"profile": {**model.manifest.profile, "image_size": 112}})
+    return replace(model, manifest=manifest, field_size=224)
 
 
 def _square_mask(size: int, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -54,13 +57,13 @@ def test_cells_are_reported_in_field_pixels():
     assert result.label == "Pre" and result.cell_count == 1
     (cell,) = result.cells
     (measured,) = split_cells(mask[0])[1]  # in the model's pixels
-    assert cell["bbox"] == [2 * v for v in measured.bbox] and cell["area"] == 4 * measured.area
-    assert cell["centroid"] == [round(2 * v, 1) for v in measured.centroid]
+    assert cell.bbox == [2 * v for v in measured.bbox] and cell.area == 4 * measured.area
+    assert cell.centroid == [round(2 * v, 1) for v in measured.centroid]
 
 
 def test_overlays_are_drawn_at_the_field_size():
     display = synth_field(0, seed=5).image
     mask = _square_mask(112, (30, 30, 20, 20))[0]
     images = field_images(display, display[::2, ::2].copy(), mask, mask)
-    assert _png_size(images["original"]) == _png_size(images["mask"]) == _png_size(images["attention"]) == (224, 224)
-    assert _png_size(images["preprocessed"]) == (112, 112) and len(images["cells"]) == 1
+    assert _png_size(images.original) == _png_size(images.mask) == _png_size(images.attention) == (224, 224)
+    assert _png_size(images.preprocessed) == (112, 112) and len(images.cells) == 1

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.field import prepare_array
+from engine.model import ServedModel
 from export.runtime import onnx_session
-from gateway.service import ServedModel, prepare_array
 from hybridcn.synth import synth_field
 from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
 

@@ -209,7 +209,7 @@ def test_repository_configs_parse_and_wire_up(trained, tmp_path, target):
             assert set(step.input_map.values()) <= produced
             produced |= set(step.output_map.values())
         assert {t.name for t in configs[ensemble].output} <= produced
-    assert read_manifest(repository)["temperature"] == manifest["temperature"] == 1.5
+    assert read_manifest(repository).temperature == manifest.temperature == 1.5
 
 
 def test_onnx_ensemble_matches_pytorch_with_temperature(trained, tiny_data, tmp_path):
@@ -304,14 +304,15 @@ def test_shipped_repository_is_complete_and_parses():
     configs = {p.parent.name: parse_config(p.read_text()) for p in repository.glob("*/config.pbtxt")}
     assert set(configs) == {"segmentation", "features", "head", "preprocess", ENSEMBLE, RAW_ENSEMBLE}
     manifest = read_manifest(repository)
-    assert manifest["profile"]["name"] == "compact" and manifest["training"]["n_train"] == 2519
-    assert 0 < manifest["review_threshold"] < 1 and manifest["temperature"] > 0
+    assert manifest.profile["name"] == "compact" and manifest.training["n_train"] == 2519
+    assert 0 < manifest.review_threshold < 1 and manifest.temperature > 0
     preprocess = configs["preprocess"].parameters
-    assert json.loads(preprocess["stain_reference"].string_value) == manifest["stain_reference"]
+    assert json.loads(preprocess["stain_reference"].string_value) == manifest.stain_reference
     total = sum(p.stat().st_size for p in repository.rglob("*") if p.is_file())
     assert total < 40 * 1024 * 1024  # shipped artifacts stay small
 
 
+@pytest.mark.slow
 def test_crossvalidation_records_variants_and_resumes(tmp_path):
     from training.experiments import crossvalidate, load_dataset, shortcut_probe
 

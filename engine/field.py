@@ -1,4 +1,4 @@
-"""Orchestration around the served ensemble: prepare a field on the CPU, interpret Triton's answer.
+"""One field through the served model: prepare it on the CPU, interpret Triton's answer.
 
 Shared by the REST gateway, ``hybridcn classify``, batch jobs and ``hybridcn evaluate``, so every
 path reports the same class, confidence, review flag and cell count for the same field.
@@ -8,52 +8,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from export.repository import read_manifest
+from engine.model import ServedModel
 from export.runtime import EnsembleOutput
-from hybridcn.profiles import Profile
+from hybridcn.contracts import Cell, FieldQCResult, FieldResult
 from preprocessing import (
     FieldQC,
-    PreprocessConfig,
-    StainReference,
     decode_image,
     enhance_field,
     field_qc,
     fit_field,
     split_cells,
 )
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What the gateway needs to know about the model in a repository (read from its manifest)."""
-
-    model_version: str
-    classes: tuple[str, ...]
-    image_size: int  # what the networks see
-    field_size: int  # a field in scanner pixels; slides are tiled at this size
-    reference: StainReference
-    preprocess: PreprocessConfig
-    review_threshold: float
-    manifest: dict
-
-    @classmethod
-    def from_repository(cls, repository: Path, *, review_threshold: float | None = None) -> ServedModel:
-        manifest = read_manifest(repository)
-        profile = manifest["profile"]
-        return cls(
-            model_version=manifest["model_version"],
-            classes=tuple(profile["classes"]),
-            image_size=int(profile["image_size"]),
-            field_size=Profile.from_dict(profile).field_size,  # the profile knows older manifests' default
-            reference=StainReference.from_dict(manifest["stain_reference"]),
-            preprocess=PreprocessConfig.from_dict(profile["preprocess"]),
-            review_threshold=float(review_threshold if review_threshold is not None else manifest["review_threshold"]),
-            manifest=manifest,
-        )
 
 
 @dataclass
@@ -64,28 +32,6 @@ class PreparedField:
     qc: FieldQC
     source_shape: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class FieldResult:
-    label: str
-    probabilities: dict[str, float]
-    confidence: float
-    needs_review: bool
-    review_reasons: list[str]
-    cell_count: int
-    cells: list[dict]
-    qc: dict
-    model_version: str
-    timings_ms: dict[str, float]
-
-    def to_dict(self) -> dict:
-        return {
-            "label": self.label, "probabilities": self.probabilities, "confidence": self.confidence,
-            "needs_review": self.needs_review, "review_reasons": self.review_reasons,
-            "cell_count": self.cell_count, "cells": self.cells, "qc": self.qc,
-            "model_version": self.model_version, "timings_ms": self.timings_ms,
-        }
 
 
 def _ms(start: float) -> float:
@@ -146,10 +92,11 @@ def interpret(prepared: PreparedField, output: EnsembleOutput, model: ServedMode
         confidence=round(confidence, 6),
         needs_review=bool(reasons),
         review_reasons=reasons,
+        review_threshold=model.review_threshold,
         cell_count=len(cells),
-        cells=[{"bbox": [round(v * scale) for v in c.bbox], "area": round(c.area * scale * scale),
-                "centroid": [round(v * scale, 1) for v in c.centroid]} for c in cells],
-        qc=prepared.qc.to_dict(),
+        cells=[Cell(bbox=[round(v * scale) for v in c.bbox], area=round(c.area * scale * scale),
+                    centroid=[round(v * scale, 1) for v in c.centroid]) for c in cells],
+        qc=FieldQCResult(**prepared.qc.to_dict()),
         model_version=model.model_version,
         timings_ms=timings,
     )

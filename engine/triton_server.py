@@ -1,6 +1,6 @@
 """Start and stop the embedded ``tritonserver`` that the ``nvidia-pytriton`` wheel ships (CPU, Python backend).
 
-What it needs, learnt the hard way (DESIGN.md): the Python backend stub built for this interpreter,
+What it needs: the Python backend stub built for this interpreter,
 copied beside ``libtriton_python.so`` in a backend directory of our own (only when it changed, never
 under a live server); ``nvidia_pytriton.libs`` on ``LD_LIBRARY_PATH`` (without it the server hangs in
 "loading"); this environment's ``bin`` first on ``PATH`` (the stub finds Python there); a unique
@@ -17,16 +17,29 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytriton
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 
 class TritonStartError(RuntimeError):
     """The server exited or did not become ready before the deadline; carries the log tail."""
+
+
+def wait_until(probe, *, timeout_s: float, interval_s: float = 0.25) -> None:
+    """Call ``probe()`` until it returns true; :class:`tenacity.RetryError` after ``timeout_s``.
+
+    An exception from ``probe`` ends the wait at once (a server that exited will not become ready).
+    """
+    Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(interval_s),
+             retry=retry_if_result(lambda ok: not ok))(probe)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,8 +49,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _pytriton_root() -> Path:
-    import pytriton
-
     return Path(pytriton.__file__).resolve().parent
 
 
@@ -134,20 +145,23 @@ class EmbeddedTriton:
             env["HYBRIDCN_ORT_THREADS"] = str(self.ort_threads)  # read by export.triton_models.OnnxRuntimeModel
         return env
 
+    def ready(self) -> bool:
+        """One probe of ``/v2/health/ready``; raises :class:`TritonStartError` if the process has exited."""
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise TritonStartError(f"tritonserver exited with {code}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        url = f"http://{self.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise TritonStartError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.25)
-        raise TritonStartError(f"tritonserver not ready after {self.ready_timeout:.0f}s:\n{self.log_tail()}")
+        try:
+            wait_until(self.ready, timeout_s=self.ready_timeout)
+        except RetryError as error:
+            raise TritonStartError(f"tritonserver not ready after {self.ready_timeout:.0f}s:\n{self.log_tail()}"
+                                   ) from error
 
     def log_tail(self, lines: int = 40) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -172,3 +186,13 @@ class EmbeddedTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def triton_endpoint(repository: Path, triton: str | None, *, ort_threads: int | None = None) -> Iterator[str]:
+    """Yield a gRPC URL: the given one, or an embedded server started for the duration."""
+    if triton:
+        yield triton
+        return
+    with EmbeddedTriton(repository, ort_threads=ort_threads) as server:
+        yield server.grpc_url

@@ -1,4 +1,8 @@
-"""``hybridcn`` command line: thin commands over the preprocessing, training, export and gateway layers."""
+"""``hybridcn`` command line: thin commands over every layer below it.
+
+Subcommands import their layer when they run, so ``hybridcn classify`` never loads torch and
+``hybridcn train`` never loads the gateway; all of those imports point down the layers.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+from hybridcn.config import EXPORT_BUILD_DIR, default_repository, shipped_repository
 from hybridcn.profiles import PROFILES
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+DEFAULT_REPOSITORY = default_repository()
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -73,17 +78,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from export.build import build_repository
 
-    manifest = build_repository(Path(args.model), Path(args.out), target=args.target,
+    if args.ship and args.out:
+        print("hybridcn export: error: --ship replaces the shipped model_repository/; do not also give --out",
+              file=sys.stderr)
+        return 2
+    out = shipped_repository() if args.ship else Path(args.out or EXPORT_BUILD_DIR)
+    manifest = build_repository(Path(args.model), out, target=args.target,
                                 calibration=Path(args.calibration) if args.calibration else None,
                                 check_parity=not args.skip_parity)
-    print(json.dumps(manifest, indent=2))
+    print(manifest.model_dump_json(indent=2))
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_folder
+    from engine.evaluate import evaluate_folder
 
-    result = evaluate_folder(Path(args.data), Path(args.repository), triton=args.triton)
+    result = evaluate_folder(Path(args.data), Path(args.repository), triton=args.triton, shift_seed=args.shift)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"n={result['n']} accuracy={result['accuracy']:.4f} balanced_accuracy={result['balanced_accuracy']:.4f} "
           f"macro_auc={result['macro_auc']:.4f} mcc={result['mcc']:.4f} -> {args.out}")
@@ -97,7 +108,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from gateway.local import classify_files
+    from hybridcn.cli.local import classify_files
 
     return classify_files([Path(p) for p in args.files], repository=Path(args.repository), triton=args.triton,
                           as_json=args.json)
@@ -110,7 +121,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.local import demo
+    from hybridcn.cli.local import demo
 
     return demo(repository=Path(args.repository), count=args.count)
 
@@ -179,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a trained model to ONNX and write a Triton model repository")
     p.add_argument("--model", required=True, help="model.pt from `hybridcn train`")
-    p.add_argument("--out", default=str(DEFAULT_REPOSITORY))
+    p.add_argument("--out", help=f"repository folder to write (default: {EXPORT_BUILD_DIR})")
+    p.add_argument("--ship", action="store_true",
+                   help="replace the shipped model_repository/ of this checkout (a deliberate step: every copy "
+                        "stays in git history)")
     p.add_argument("--target", choices=["embedded", "gpu"], default="embedded")
     p.add_argument("--calibration", help="calibration.json from `hybridcn report`")
     p.add_argument("--skip-parity", action="store_true")
@@ -190,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
     p.add_argument("--triton", help="HOST:PORT of a running Triton gRPC endpoint (default: in-process ONNX Runtime)")
+    p.add_argument("--shift", type=int, metavar="SEED",
+                   help="also score every field under seeded stain and camera shifts (contrast, hue toward blue and "
+                        "red, saturation, brightness/gamma, blur, JPEG) and report accuracy per kind")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("serve", help="start embedded Triton and the gateway")
@@ -224,6 +241,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Command-line front ends: ``hybridcn classify FILE...`` and ``hybridcn demo`` (the README's main job)."""
+"""``hybridcn classify FILE...`` and ``hybridcn demo`` (the README's main job): the CLI's served-model commands."""
 
 from __future__ import annotations
 
@@ -8,30 +8,26 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
-from gateway.client import TritonClient
-from gateway.service import ServedModel, interpret, prepare_bytes
+import httpx
+import uvicorn
+
+from engine.client import TritonClient
+from engine.field import interpret, prepare_bytes
+from engine.model import ServedModel
+from engine.triton_server import free_port, triton_endpoint, wait_until
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from hybridcn.contracts import FieldResult
+from hybridcn.synth import write_dataset
 from preprocessing import InvalidImageError
 
 
-@contextmanager
-def triton_endpoint(repository: Path, triton: str | None, *, ort_threads: int | None = None):
-    """Yield a gRPC URL: the given one, or an embedded server started for the duration."""
-    if triton:
-        yield triton
-        return
-    from gateway.triton_launcher import EmbeddedTriton
-
-    with EmbeddedTriton(repository, ort_threads=ort_threads) as server:
-        yield server.grpc_url
-
-
-def _format(name: str, result: dict) -> str:
-    probabilities = " ".join(f"{k}={v:.3f}" for k, v in result["probabilities"].items())
-    review = "REVIEW" if result["needs_review"] else "ok"
-    return f"{name}: {result['label']:<6} conf={result['confidence']:.3f} cells={result['cell_count']} {review}  " \
+def _format(name: str, result: FieldResult) -> str:
+    probabilities = " ".join(f"{k}={v:.3f}" for k, v in result.probabilities.items())
+    review = "REVIEW" if result.needs_review else "ok"
+    return f"{name}: {result.label:<6} conf={result.confidence:.3f} cells={result.cell_count} {review}  " \
            f"[{probabilities}]"
 
 
@@ -47,8 +43,8 @@ def classify_files(files: list[Path], *, repository: Path, triton: str | None = 
                 started = time.perf_counter()
                 output = client.infer(prepared.preprocessed[None])
                 result = interpret(prepared, output, model, {"triton": (time.perf_counter() - started) * 1000})
-                line = json.dumps({"file": str(path), **result.to_dict()}) if as_json else _format(str(path),
-                                                                                                  result.to_dict())
+                result.filename = str(path)
+                line = result.model_dump_json(exclude_none=True) if as_json else _format(str(path), result)
                 print(line, flush=True)
             except (InvalidImageError, OSError) as error:
                 failures += 1
@@ -64,14 +60,6 @@ def demo(*, repository: Path, count: int = 16, clients: int = 4) -> int:
     The queue is synthetic fields the project generates (real smears are not shipped), plus one
     corrupt file to show that a bad field is reported and the queue goes on.
     """
-    import httpx
-    import uvicorn
-
-    from gateway.app import create_app
-    from gateway.settings import GatewaySettings
-    from gateway.triton_launcher import free_port
-    from hybridcn.synth import write_dataset
-
     with tempfile.TemporaryDirectory() as scratch:
         per_class = max(1, count // 4)
         dataset = write_dataset(Path(scratch) / "queue", per_class=per_class)
@@ -86,20 +74,20 @@ def demo(*, repository: Path, count: int = 16, clients: int = 4) -> int:
         print(f"starting embedded Triton + gateway on http://127.0.0.1:{port} ...", flush=True)
         thread.start()
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
         with httpx.Client(timeout=60) as http:
-            while time.time() < deadline:
-                try:
-                    if http.get(f"{base}/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
+
+            def ready() -> bool:
                 if not thread.is_alive():
-                    print("gateway failed to start", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
-            else:
-                print("gateway not ready after 180 s", file=sys.stderr)
+                    raise RuntimeError("gateway failed to start")
+                try:
+                    return http.get(f"{base}/readyz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            try:
+                wait_until(ready, timeout_s=180, interval_s=0.5)
+            except Exception as error:
+                print(f"gateway not ready: {error}", file=sys.stderr)
                 return 1
             version = http.get(f"{base}/healthz").json()["model_version"]
             print(f"ready: model {version}; classifying {len(queue)} fields with {clients} concurrent clients",
@@ -117,7 +105,8 @@ def demo(*, repository: Path, count: int = 16, clients: int = 4) -> int:
                     truth = path.parent.name if path.parent.name != Path(scratch).name else "-"
                     if status == 200:
                         ok += 1
-                        print(f"  {_format(path.name, body)}  (synthetic {truth})", flush=True)
+                        print(f"  {_format(path.name, FieldResult.model_validate(body))}  (synthetic {truth})",
+                              flush=True)
                     else:
                         print(f"  {path.name}: HTTP {status} {body.get('code')}: {body.get('detail')}", flush=True)
             elapsed = time.perf_counter() - started

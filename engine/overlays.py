@@ -1,4 +1,7 @@
-"""Images for people: PNG data URLs of the field, its preprocessed form, mask and attention overlays, cell crops."""
+"""Images for people: data URLs of the field, its preprocessed form, mask and attention overlays, cell crops.
+
+The web page gets PNG layers it stacks itself; batch reports get small JPEGs with the maps blended in.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import base64
 import cv2
 import numpy as np
 
+from hybridcn.contracts import Cell, FieldImages
 from preprocessing import split_cells
 
 
@@ -59,7 +63,7 @@ def cell_crops(rgb: np.ndarray, boxes: list[tuple[int, int, int, int]], *, limit
 
 
 def field_images(display: np.ndarray, preprocessed: np.ndarray, mask: np.ndarray, attention: np.ndarray,
-                 cells: list[dict] | None = None) -> dict:
+                 cells: list[Cell] | None = None, *, steps: list[str] | None = None) -> FieldImages:
     """Data URLs for the web page and reports (mask and attention as transparent overlays).
 
     ``display`` is the field in scanner pixels; a model that runs at a lower resolution has its mask and
@@ -68,13 +72,46 @@ def field_images(display: np.ndarray, preprocessed: np.ndarray, mask: np.ndarray
     """
     scale = display.shape[0] / mask.shape[0]
     if cells is None:
-        cells = [{"bbox": [round(v * scale) for v in c.bbox], "area": c.area} for c in split_cells(mask)[1]]
+        boxes_areas = [([round(v * scale) for v in c.bbox], c.area) for c in split_cells(mask)[1]]
+    else:
+        boxes_areas = [(c.bbox, c.area) for c in cells]
     mask, attention = fit_maps(mask, attention, display.shape)
-    boxes = [tuple(c["bbox"]) for c in sorted(cells, key=lambda c: -c["area"])]
+    boxes = [tuple(bbox) for bbox, _ in sorted(boxes_areas, key=lambda item: -item[1])]
+    return FieldImages(
+        original=png_data_url(display),
+        preprocessed=png_data_url(preprocessed),
+        mask=_rgba_png(rgba_map(mask, (0, 200, 120))),
+        attention=_rgba_png(heatmap(attention)),
+        cells=[png_data_url(crop) for crop in cell_crops(display, boxes)],
+        preprocessing=steps or [],
+    )
+
+
+#: Side of the square JPEG thumbnails in batch report galleries.
+THUMBNAIL = 160
+
+
+def jpeg_data_url(rgb: np.ndarray, *, size: int = THUMBNAIL, quality: int = 82) -> str:
+    small = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA) if rgb.shape[0] != size else rgb
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode()
+
+
+def _blend(rgb: np.ndarray, rgba: np.ndarray) -> np.ndarray:
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return (rgb.astype(np.float32) * (1 - alpha) + rgba[..., :3].astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+def gallery_images(original: np.ndarray, mask: np.ndarray, attention: np.ndarray) -> dict[str, str]:
+    """Three small JPEG data URLs: the field, the field under its cell mask, under its attention map.
+
+    ``original`` may be a thumbnail: the maps are resized to it.
+    """
+    mask, attention = fit_maps(mask, attention, original.shape)
     return {
-        "original": png_data_url(display),
-        "preprocessed": png_data_url(preprocessed),
-        "mask": _rgba_png(rgba_map(mask, (0, 200, 120))),
-        "attention": _rgba_png(heatmap(attention)),
-        "cells": [png_data_url(crop) for crop in cell_crops(display, boxes)],
+        "field": jpeg_data_url(original),
+        "mask": jpeg_data_url(_blend(original, rgba_map((mask > 127).astype(np.uint8) * 140, (0, 200, 120)))),
+        "attention": jpeg_data_url(_blend(original, heatmap(attention))),
     }

@@ -13,11 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.client import TritonClient
+from engine.field import prepare_array, prepare_bytes
+from engine.model import ServedModel
 from export.runtime import EnsembleOutput, OnnxEnsemble
-from gateway.service import ServedModel, prepare_bytes
-from preprocessing import InvalidImageError
+from preprocessing import InvalidImageError, decode_image
+from preprocessing.shifts import SHIFTS, shift_field
 from training.data import find_samples
-from training.metrics import bootstrap_intervals, classification_metrics
+from training.metrics import (
+    bootstrap_intervals,
+    classification_metrics,
+    error_detection_auroc,
+    expected_calibration_error,
+)
 
 
 def _prepare(path: Path, model: ServedModel):
@@ -29,8 +37,6 @@ def _prepare(path: Path, model: ServedModel):
 
 def _infer_all(fields: np.ndarray, repository: Path, triton: str | None, batch: int = 16) -> EnsembleOutput:
     if triton:
-        from gateway.client import TritonClient
-
         client = TritonClient(triton)
         futures = [client.submit(fields[i : i + batch]) for i in range(0, len(fields), batch)]
         parts = [future.result() for future in futures]
@@ -41,9 +47,53 @@ def _infer_all(fields: np.ndarray, repository: Path, triton: str | None, batch: 
     return EnsembleOutput.concatenate(parts)
 
 
-def evaluate_folder(data: Path, repository: Path, *, triton: str | None = None, log=print) -> dict:
+def _shifted(path: Path, model: ServedModel, kind: str, seed: int, index: int) -> np.ndarray:
+    rgb = decode_image(path.read_bytes(), max_pixels=model.preprocess.max_pixels, min_side=model.preprocess.min_side)
+    return prepare_array(shift_field(rgb, kind, seed=seed, field=index)[0], model).preprocessed
+
+
+def _triage(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict:
+    """Accuracy, calibration and how well the review threshold separates right from wrong."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    accepted = confidence >= threshold
+    return {
+        "accuracy": float(correct.mean()),
+        "ece": float(expected_calibration_error(labels, probabilities)),
+        "error_detection_auroc": float(error_detection_auroc(labels, probabilities)),
+        "fraction_to_review": float(1 - accepted.mean()),
+        "accuracy_of_auto_accepted": float(correct[accepted].mean()) if accepted.any() else None,
+        "wrong_and_not_flagged": int((~correct & accepted).sum()),
+    }
+
+
+def shift_benchmark(samples: list, kept: list[int], labels: np.ndarray, clean: dict, model: ServedModel,
+                    repository: Path, triton: str | None, seed: int, log=print) -> dict:
+    """Accuracy and triage per shift kind (``preprocessing.shifts``), and the drop against the clean fields."""
+    results = {}
+    for kind in SHIFTS:
+        started = time.perf_counter()
+        with ThreadPoolExecutor() as pool:
+            fields = np.stack(list(pool.map(lambda i, k=kind: _shifted(samples[i].path, model, k, seed, i), kept)))
+        probabilities = _infer_all(fields, repository, triton).probabilities.astype(np.float64)
+        row = _triage(labels, probabilities, model.review_threshold)
+        row["accuracy_drop_points"] = round(100 * (clean["accuracy"] - row["accuracy"]), 2)
+        results[kind] = row
+        log(f"shift {kind:<17} accuracy {row['accuracy']:.4f} (drop {row['accuracy_drop_points']:+.2f} points) "
+            f"to review {row['fraction_to_review']:.3f} wrong-unflagged {row['wrong_and_not_flagged']} "
+            f"({time.perf_counter() - started:.0f}s)")
+    return {"seed": seed, "clean": clean, "kinds": results,
+            "worst_drop_points": max(r["accuracy_drop_points"] for r in results.values())}
+
+
+def evaluate_folder(data: Path, repository: Path, *, triton: str | None = None, shift_seed: int | None = None,
+                    log=print) -> dict:
     """Metrics of the served model on ``data`` (contract: n, accuracy, balanced_accuracy, macro_auc, mcc,
-    per_class, confusion), plus bootstrap intervals, review statistics, errors and per-file predictions."""
+    per_class, confusion), plus bootstrap intervals, review statistics, errors and per-file predictions.
+
+    ``shift_seed``: also run the shift benchmark (every field under each stain/camera shift, amounts
+    seeded per field) and report accuracy and triage per kind under ``shifts``.
+    """
     started = time.perf_counter()
     model = ServedModel.from_repository(repository)
     samples = find_samples(data)
@@ -82,7 +132,11 @@ def evaluate_folder(data: Path, repository: Path, *, triton: str | None = None, 
             for i, p in zip(kept, probabilities, strict=True)
         ],
     })
+    result["triage"] = _triage(labels, probabilities, model.review_threshold)
     _print_summary(result, model.classes, log)
+    if shift_seed is not None:
+        result["shifts"] = shift_benchmark(samples, kept, labels, result["triage"], model, repository, triton,
+                                           shift_seed, log)
     return result
 
 

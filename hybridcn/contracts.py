@@ -1,0 +1,129 @@
+"""The results the system hands out, each defined once: the manifest, a field result, a slide summary.
+
+Every path uses these models as they are: the REST API responses, the batch ledger, the CSV/JSON/HTML
+reports, the CLI's JSON Lines and ``hybridcn evaluate``. A field read over gRPC or in a report therefore
+carries the same names and meanings as one read from ``POST /v1/classify``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: How people name each class (the web page and reports); the short names are the class order contract's.
+CLASS_DESCRIPTIONS = {"Benign": "Benign (hematogones)", "Early": "Early Pre-B ALL", "Pre": "Pre-B ALL",
+                      "Pro": "Pro-B ALL"}
+
+
+class Manifest(BaseModel):
+    """What ``hybridcn export`` records beside the ensemble: the model's identity, sizes and calibration.
+
+    Class names, image sizes and the review threshold are read from here and nowhere else.
+    """
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model_version: str
+    exported_at: str
+    profile: dict[str, Any] = Field(description="the training profile, as `Profile.to_dict` writes it")
+    stain_reference: dict[str, Any] = Field(description="Reinhard target statistics (Lab mean and std)")
+    feature_width: int
+    tokens: int
+    temperature: float = 1.0
+    review_threshold: float = Field(0.9, ge=0.0, le=1.0)
+    review_target_precision: float | None = None
+    parity_max_abs_diff: dict[str, dict[str, float]] = Field(default_factory=dict, description="per stage and output")
+    training: dict[str, Any] = Field(default_factory=dict)
+    oof_metrics: dict[str, Any] | None = None
+    class_descriptions: dict[str, str] = Field(default_factory=lambda: dict(CLASS_DESCRIPTIONS))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.profile["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.profile["image_size"])
+
+
+class Cell(BaseModel):
+    """One cell split from the predicted mask by watershed."""
+
+    bbox: list[int] = Field(description="x, y, width, height in field pixels")
+    area: int
+    centroid: list[float]
+
+
+class FieldQCResult(BaseModel):
+    """Field quality checks run before inference (see ``preprocessing.qc``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    empty: bool = False
+    blurred: bool = False
+    overexposed: bool = False
+    flags: list[str] = Field(default_factory=list)
+
+
+class FieldImages(BaseModel):
+    """PNG data URLs for display: the field as sent, preprocessed, and the model's maps."""
+
+    original: str
+    preprocessed: str
+    mask: str
+    attention: str
+    cells: list[str]
+    preprocessing: list[str] = Field(default_factory=list, description="the phase-1 steps behind `preprocessed`")
+
+
+class FieldResult(BaseModel):
+    """One field's diagnosis. The response of ``POST /v1/classify``, a ledger row's result, a CLI JSON line."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    label: str = Field(description="predicted class, one of the manifest's classes")
+    probabilities: dict[str, float] = Field(description="per class, in the manifest's class order")
+    confidence: float = Field(description="the top probability")
+    needs_review: bool
+    review_reasons: list[str] = Field(default_factory=list)
+    review_threshold: float | None = Field(
+        description="confidence below this sends the field to review (null only in ledgers older than schema 2)")
+    cell_count: int = Field(description="cells split by watershed on the predicted mask")
+    cells: list[Cell] = Field(default_factory=list)
+    qc: FieldQCResult = Field(default_factory=FieldQCResult)
+    model_version: str
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    filename: str | None = Field(None, description="the uploaded file's name, or the path given to the CLI")
+    images: FieldImages | None = None
+
+    def stored(self) -> FieldResult:
+        """The result as the ledger keeps it: no images, no per-request timings."""
+        return self.model_copy(update={"images": None, "timings_ms": {}})
+
+
+class SlideSummary(BaseModel):
+    """One slide of a batch queue, computed from the ledger (slides.csv/json, the jobs API, HTML reports)."""
+
+    slide_id: str
+    fields: int = Field(description="fields to classify (background tiles not counted)")
+    done: int
+    failed: int
+    pending: int
+    background_skipped: int
+    class_counts: dict[str, int]
+    verdict: str | None = Field(None, description="class with the highest confidence-weighted score (the leading "
+                                "class; a verdict to act on only when `verdict_status` is conclusive)")
+    verdict_status: Literal["conclusive", "inconclusive", "failed", "pending", "empty"] = Field(
+        description="conclusive: the leading class stands; inconclusive: needs review (see verdict_reasons); "
+                    "failed: every field failed; pending: nothing classified yet; empty: background only")
+    verdict_reasons: list[str] = Field(default_factory=list, description="why the verdict is not conclusive")
+    verdict_scores: dict[str, float] = Field(description="sum(conf*p)/sum(conf) over the slide's fields")
+    verdict_confidence: float | None = None
+    malignant_score: float | None = Field(None, description="sum of the malignant classes' scores")
+    review_fields: int
+    review_share: float | None = None
+    estimated_blast_cells: int = Field(
+        description="cell counts of the fields confidently predicted malignant (not flagged for review)")
+    cells_total: int
+    report: str | None = Field(None, description="the slide's HTML report (a path in files, a URL in the API)")
