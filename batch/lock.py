@@ -13,12 +13,10 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from batch.errors import OutputBusyError
+
 LOCK_FILE = ".lock"
 OWNER_FILE = ".lock.pid"
-
-
-class OutputBusyError(RuntimeError):
-    """Another batch run holds the output folder."""
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_exponential
 
+from batch.errors import BatchError, TritonNotReadyError
 from batch.ledger import DONE, FAILED, FieldOutcome, Ledger, PendingField
 from batch.options import BatchOptions
 from batch.progress import Progress
@@ -33,14 +34,6 @@ from engine.overlays import gallery_images
 
 #: Consecutive requests that fail every attempt before the run stops (Triton is gone, not one bad batch).
 DEAD_AFTER = 3
-
-
-class BatchError(RuntimeError):
-    """A run cannot start or go on (output folder busy, Triton unreachable, a worker died)."""
-
-
-class TritonNotReadyError(BatchError):
-    """No usable Triton endpoint."""
 
 
 @dataclass

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from tenacity import RetryError
 
+from batch.errors import BatchError, OutputBusyError, TritonNotReadyError
 from batch.gallery import make_gallery_renderer
 from batch.inputs import DiscoveryOptions, discover
 from batch.ledger import LEDGER_FILE, Ledger, SQLiteLedger
-from batch.lock import OutputBusyError, output_lock, run_in_progress
+from batch.lock import output_lock, run_in_progress
 from batch.options import BatchOptions, default_workers
-from batch.pipeline import BatchError, TritonNotReadyError, _Pipeline
+from batch.pipeline import _Pipeline
 from batch.progress import Progress, make_progress
 from batch.reports import ReportFiles, write_reports
 from batch.summary import GalleryKeeper
@@ -67,23 +68,23 @@ def triton_urls(options: BatchOptions, progress: Progress) -> Iterator[list[str]
 
 def wait_ready(clients: Sequence[TritonClient], timeout_s: float, progress: Progress) -> list[TritonClient]:
     """The endpoints that are ready within ``timeout_s``; once one is, the others get 5 s more, then are left out."""
-    ready: list[TritonClient] = []
+    ready: set[str] = set()
+
+    def count_ready() -> int:
+        ready.update(c.url for c in clients if c.url not in ready and c.ready())
+        return len(ready)
+
     try:
-        wait_until(lambda: ready.extend(c for c in clients if c not in ready and c.ready()) or bool(ready),
-                   timeout_s=timeout_s)
+        wait_until(lambda: count_ready() > 0, timeout_s=timeout_s)
     except RetryError:
-        names = ", ".join(c.url for c in clients)
-        raise TritonNotReadyError(f"Triton at {names} is not ready after {timeout_s:.0f}s (is it running, and is the "
-                                  "hybridcn_nas model loaded?)") from None
-    late = [c for c in clients if c not in ready]
-    if late:
-        try:
-            wait_until(lambda: ready.extend(c for c in late if c not in ready and c.ready()) or len(ready) == len(
-                clients), timeout_s=5.0)
-        except RetryError:
-            progress.message(f"batch: leaving out Triton at {', '.join(c.url for c in clients if c not in ready)} "
-                             "(not ready)")
-    return [c for c in clients if c in ready]
+        raise TritonNotReadyError(f"Triton at {', '.join(c.url for c in clients)} is not ready after {timeout_s:.0f}s "
+                                  "(is it running, and is the hybridcn_nas model loaded?)") from None
+    try:
+        wait_until(lambda: count_ready() == len(clients), timeout_s=5.0)
+    except RetryError:
+        late = ", ".join(c.url for c in clients if c.url not in ready)
+        progress.message(f"batch: leaving out Triton at {late} (not ready)")
+    return [c for c in clients if c.url in ready]
 
 
 def run_batch(inputs: Sequence[str | Path], options: BatchOptions, *, progress: Progress | None = None,

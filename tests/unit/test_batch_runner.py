@@ -73,3 +73,9 @@ def test_endpoints_are_used_round_robin_and_a_retry_goes_elsewhere():
     pipeline._resting["c:1"] = float("inf")
     assert [pipeline._pick(_Request([])).url for _ in range(3)] == ["b:1", "a:1", "b:1"]  # c:1 skipped
     assert pipeline._pick(_Request([], tried={"a:1", "b:1"})).url == "c:1"  # resting, but the only one left
+
+
+def test_every_run_stopping_error_is_a_batch_error_the_cli_reports_in_one_line():
+    from batch.errors import BatchError, OutputBusyError, TritonNotReadyError
+
+    assert issubclass(OutputBusyError, BatchError) and issubclass(TritonNotReadyError, BatchError)
