@@ -24,7 +24,8 @@ EXIT_OK, EXIT_ERROR, EXIT_FIELDS_FAILED, EXIT_INTERRUPTED = 0, 1, 3, 130
 def add_batch_arguments(parser: argparse.ArgumentParser, *, default_repository: Path) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="a folder per slide of field images, a folder of slide folders, a slide_id,path CSV "
-                             "manifest, or a large slide image (TIFF/BigTIFF, PNG, JPEG) to tile")
+                             "manifest, or a large slide image (TIFF/BigTIFF, PNG, JPEG; .svs, .ndpi, .mrxs... "
+                             "through OpenSlide) to tile")
     parser.add_argument("--out", required=True, help="output folder: ledger, results.csv, slides.csv/json, HTML")
     parser.add_argument("--repository", default=str(default_repository))
     parser.add_argument("--triton", action="append", default=[], metavar="HOST:PORT",

@@ -7,6 +7,9 @@ An INPUT is one of
   paths are read from the manifest's folder);
 - a single large image (TIFF/BigTIFF, PNG, JPEG; with OpenSlide installed also ``.svs``, ``.ndpi``,
   ``.mrxs``...), cut into model-size tiles whose coordinates are kept (slide id = file stem).
+  With OpenSlide installed, whole-slide images (the formats only it reads, a ``.svs/.tif/.tiff`` in a
+  scanner's own format, and pyramidal tiled TIFFs) are read through it: it decodes their JPEG and
+  JPEG 2000 tiles with its own libraries. Other TIFFs are read by tifffile.
 Images inside folders and manifests are fields, like an upload to ``/v1/classify``, except ones over the
 decoder's pixel budget, which are tiled. ``tile='always'`` tiles every image, ``'never'`` tiles none.
 
@@ -46,6 +49,30 @@ def openslide_available() -> bool:
     except (ImportError, OSError):  # OSError: the Python package without the OpenSlide library
         return False
     return True
+
+
+def is_whole_slide_tiff(path: str | Path) -> bool:
+    """Whether OpenSlide, not tifffile, should read this TIFF: a scanner's format, or a tiled pyramid.
+
+    OpenSlide calls every tiled TIFF ``generic-tiff``; a single-level one is an ordinary large image,
+    which tifffile reads without OpenSlide. A pyramid (levels as further tiled pages, as libvips and
+    scanners write them) is a whole-slide image, whose tiles are usually JPEG: OpenSlide decodes those
+    with its own libjpeg, tifffile only with the optional imagecodecs package.
+    """
+    if not openslide_available():
+        return False
+    import openslide
+
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+        if vendor is None:
+            return False
+        if vendor != "generic-tiff":
+            return True
+        with openslide.OpenSlide(str(path)) as slide:
+            return slide.level_count > 1
+    except (openslide.OpenSlideError, OSError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- tiling
@@ -131,7 +158,7 @@ class TiffRegionReader:
 
 
 class OpenSlideRegionReader:
-    """Level-0 regions through OpenSlide (only when ``import openslide`` works)."""
+    """Level-0 regions through OpenSlide (only when ``import openslide`` works), alpha composited on white."""
 
     def __init__(self, path: str | Path) -> None:
         import openslide
@@ -178,7 +205,10 @@ def _rgb8(array: np.ndarray) -> np.ndarray:
 
 
 def open_region_reader(path: str | Path):
-    """The reader for a slide image, chosen by suffix: OpenSlide formats, TIFF, else PNG/JPEG/BMP."""
+    """The reader for a slide image: OpenSlide for whole-slide images, tifffile for other TIFFs, else OpenCV.
+
+    By suffix, then, for ``.svs/.tif/.tiff``, by content (:func:`is_whole_slide_tiff`).
+    """
     suffix = Path(path).suffix.lower()
     if suffix in OPENSLIDE_SUFFIXES and suffix not in TIFF_SUFFIXES:
         if not openslide_available():
@@ -186,13 +216,13 @@ def open_region_reader(path: str | Path):
                                     "(pip install openslide-python openslide-bin); TIFF, PNG and JPEG need nothing")
         return OpenSlideRegionReader(path)
     if suffix in TIFF_SUFFIXES:
+        if is_whole_slide_tiff(path):
+            return OpenSlideRegionReader(path)
         try:
             return TiffRegionReader(path)
         except InvalidImageError:
             raise
         except Exception as error:
-            if openslide_available() and suffix == ".svs":
-                return OpenSlideRegionReader(path)
             raise InvalidImageError("not_an_image", f"{path} is not a readable TIFF: {error}") from error
     return ArrayRegionReader(path)
 

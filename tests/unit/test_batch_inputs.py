@@ -200,8 +200,47 @@ def test_unusable_inputs_fail_before_anything_runs(tmp_path):
         discover([], DiscoveryOptions())
 
 
-@pytest.mark.skipif(openslide_available(), reason="OpenSlide is installed here")
-def test_openslide_formats_say_what_to_install(tmp_path):
+def test_openslide_formats_say_what_to_install(tmp_path, monkeypatch, slide_image):
+    """Without OpenSlide (an install without requirements.txt's pins), its formats name what to install,
+    and a pyramidal TIFF, which OpenSlide would read, is read by tifffile."""
+    import batch.inputs
+
+    monkeypatch.setattr(batch.inputs, "openslide_available", lambda: False)
     (tmp_path / "scan.ndpi").write_bytes(b"\x00" * 64)
     with pytest.raises(InputError, match="need OpenSlide"):
         discover([tmp_path / "scan.ndpi"], DiscoveryOptions())
+    path = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for level in range(2):
+            tif.write(slide_image[:: 2**level, :: 2**level], photometric="rgb", compression="zlib",
+                      tile=(128, 128), subfiletype=level)
+    assert not batch.inputs.is_whole_slide_tiff(path)
+    reader = batch.inputs.open_region_reader(path)
+    try:
+        assert isinstance(reader, TiffRegionReader)
+        np.testing.assert_array_equal(reader.read(100, 90, 224, 224), slide_image[90:314, 100:324])
+    finally:
+        reader.close()
+
+
+@pytest.mark.skipif(not openslide_available(), reason="OpenSlide is not installed (requirements.txt pins it)")
+def test_openslide_reads_pyramidal_tiffs_and_tifffile_the_rest(tmp_path, slide_image):
+    from batch.inputs import OpenSlideRegionReader, is_whole_slide_tiff, open_region_reader
+
+    pyramid, flat, strips = tmp_path / "pyramid.tif", tmp_path / "flat.tif", tmp_path / "strips.tif"
+    with tifffile.TiffWriter(pyramid) as tif:
+        for level in range(2):
+            tif.write(slide_image[:: 2**level, :: 2**level], photometric="rgb", compression="zlib",
+                      tile=(128, 128), subfiletype=level)
+    tifffile.imwrite(flat, slide_image, photometric="rgb", compression="zlib", tile=(128, 128))
+    tifffile.imwrite(strips, slide_image, photometric="rgb", rowsperstrip=50)
+    assert [is_whole_slide_tiff(p) for p in (pyramid, flat, strips)] == [True, False, False]
+    for path, kind in [(pyramid, OpenSlideRegionReader), (flat, TiffRegionReader), (strips, TiffRegionReader)]:
+        reader = open_region_reader(path)
+        try:
+            assert isinstance(reader, kind), path.name
+            np.testing.assert_array_equal(reader.read(732, 478, 224, 224), slide_image[478:702, 732:956])
+        finally:
+            reader.close()
+    (tmp_path / "broken.svs").write_bytes(b"II*\x00 not a slide")
+    assert not is_whole_slide_tiff(tmp_path / "broken.svs")
