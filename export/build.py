@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from export.onnx_export import check_parity, export_onnx
-from export.repository import write_repository
+from export.repository import read_manifest, write_repository
 from hybridcn.contracts import Manifest
 from hybridcn.tensors import (
     FEATURE_INPUTS,
@@ -97,6 +97,28 @@ def build_repository(
         staging = out.with_name(out.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
         write_repository(staging, target=target, onnx_files=paths, manifest=manifest)
+    _replace(staging, out)
+    return manifest
+
+
+def _replace(staging: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
+
+
+def rebuild_repository(source: Path, out: Path, *, target: str = "embedded") -> Manifest:
+    """Write a repository for ``target`` from an existing one's ONNX graphs and manifest (no checkpoint).
+
+    How a fresh clone gets the GPU repository of the shipped model, and how config changes reach the
+    shipped repository without touching its weights (the model version, a hash of the graphs, stays).
+    """
+    manifest = read_manifest(source)
+    onnx_files = {stage: Path(source) / stage / "1" / "model.onnx" for stage in ("segmentation", "features", "head")}
+    missing = [str(path) for path in onnx_files.values() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{source} lacks the exported graphs: {', '.join(missing)}")
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_repository(staging, target=target, onnx_files=onnx_files, manifest=manifest)
+    _replace(staging, out)
     return manifest

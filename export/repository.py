@@ -12,7 +12,6 @@ misspelt field fails here rather than in the server.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,8 @@ ENSEMBLE = "hybridcn_nas"
 RAW_ENSEMBLE = "hybridcn_nas_raw"
 MANIFEST = "manifest.json"
 MAX_BATCH = 16
+#: What the raw-bytes ensemble adds to the uint8 one: the gateway's interpretation of each field.
+INTERPRET_OUTPUTS = ("result", "needs_review", "cell_count")
 TENSORRT_FP16 = {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824", "trt_engine_cache_enable": "1"}
 
 
@@ -55,14 +56,19 @@ def stage_tensors(image_size: int, feature_width: int, tokens: int, classes: int
         "features": TensorSpec("features", "TYPE_FP32", (feature_width,)),
         "probabilities": TensorSpec("probabilities", "TYPE_FP32", (classes,)),
         "feature_attention": TensorSpec("feature_attention", "TYPE_FP32", (tokens,)),
+        "qc": TensorSpec("qc", "TYPE_STRING", (1,)),
+        "result": TensorSpec("result", "TYPE_STRING", (1,)),
+        "needs_review": TensorSpec("needs_review", "TYPE_BOOL", (1,)),
+        "cell_count": TensorSpec("cell_count", "TYPE_INT32", (1,)),
     }
 
 
-def _warmup(spec: TensorSpec) -> list[mc.ModelWarmup]:
-    if spec.data_type == "TYPE_STRING":
-        return []  # a zero-filled string is no image; the preprocess step warms on its first request
-    data = mc.ModelWarmup.Input(data_type=mc.DataType.Value(spec.data_type), dims=spec.dims, zero_data=True)
-    return [mc.ModelWarmup(name="zeros", batch_size=1, inputs={spec.name: data})]
+def _warmup(specs: list[TensorSpec]) -> list[mc.ModelWarmup]:
+    if any(spec.data_type == "TYPE_STRING" for spec in specs):
+        return []  # a zero-filled string is no image or JSON; such steps warm on their first request
+    inputs = {spec.name: mc.ModelWarmup.Input(data_type=mc.DataType.Value(spec.data_type), dims=spec.dims,
+                                              zero_data=True) for spec in specs}
+    return [mc.ModelWarmup(name="zeros", batch_size=1, inputs=inputs)]
 
 
 def model_config(
@@ -80,7 +86,7 @@ def model_config(
             count=instances, kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU)],
         dynamic_batching=mc.ModelDynamicBatching(preferred_batch_size=[4, 8, 16], max_queue_delay_microseconds=2000),
         parameters={key: mc.ModelParameter(string_value=value) for key, value in (parameters or {}).items()},
-        model_warmup=_warmup(inputs[0]),
+        model_warmup=_warmup(inputs),
     )
     if on_gpu:
         config.platform = "onnxruntime_onnx"
@@ -109,9 +115,10 @@ def parse_config(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
 
 
-def _python_model(class_name: str) -> bytes:
-    """A one-line ``model.py``: the logic lives in the installed package (``export.triton_models``)."""
-    return f"from export.triton_models import {class_name} as TritonPythonModel  # noqa: F401\n".encode()
+def _python_model(class_name: str, module: str = "export.triton_models") -> bytes:
+    """A one-line ``model.py``: the logic lives in the installed package (``export.triton_models`` runs ONNX
+    graphs; ``engine.triton_models`` prepares and interprets fields with the gateway's own code)."""
+    return f"from {module} import {class_name} as TritonPythonModel  # noqa: F401\n".encode()
 
 
 def _identity(names: tuple[str, ...]) -> dict[str, str]:
@@ -156,14 +163,12 @@ def write_repository(
             python=False, parameters=ort_parameters if target == "embedded" else None,
             label_output="probabilities" if stage == "head" else None,
         ), files)
-    write(model_config(
-        "preprocess", [tensors["image_bytes"]], [tensors["image"]], target=target, python=True,
-        parameters={
-            "image_size": str(size),
-            "stain_reference": json.dumps(manifest.stain_reference),
-            "preprocess": json.dumps(manifest.profile["preprocess"]),
-        },
-    ), {"1/model.py": _python_model("PreprocessModel")})
+    # the two Python steps read the model from the manifest beside the ensemble: one source of truth
+    write(model_config("preprocess", [tensors["image_bytes"]], [tensors["image"], tensors["qc"]], target=target,
+                       python=True), {"1/model.py": _python_model("PreprocessModel", "engine.triton_models")})
+    write(model_config("interpret", [tensors[n] for n in ("probabilities", "mask", "qc")],
+                       [tensors[n] for n in INTERPRET_OUTPUTS], target=target, python=True),
+          {"1/model.py": _python_model("InterpretModel", "engine.triton_models")})
     outputs = [tensors[n] for n in ("probabilities", "feature_attention", "mask", "attention")]
     core_steps = [
         ("segmentation", {"image": "image"}, _identity(SEGMENTATION_OUTPUTS)),
@@ -172,9 +177,11 @@ def write_repository(
     ]
     write(ensemble_config(ENSEMBLE, [tensors["image"]], outputs, core_steps),
           {MANIFEST: manifest.model_dump_json(indent=2).encode(), "1/.keep": b""})
-    raw_steps = [("preprocess", {"image_bytes": "image_bytes"}, {"image": "image"}), *core_steps]
-    write(ensemble_config(RAW_ENSEMBLE, [tensors["image_bytes"]], [*outputs, tensors["image"]], raw_steps),
-          {"1/.keep": b""})
+    raw_steps = [("preprocess", {"image_bytes": "image_bytes"}, {"image": "image", "qc": "qc"}), *core_steps,
+                 ("interpret", {"probabilities": "probabilities", "mask": "mask", "qc": "qc"},
+                  _identity(INTERPRET_OUTPUTS))]
+    raw_outputs = [*outputs, tensors["image"], *(tensors[n] for n in INTERPRET_OUTPUTS)]
+    write(ensemble_config(RAW_ENSEMBLE, [tensors["image_bytes"]], raw_outputs, raw_steps), {"1/.keep": b""})
     return written
 
 

@@ -1,7 +1,8 @@
-"""Triton Python-backend models of the embedded target: thin adapters over ONNX Runtime and ``preprocessing``.
+"""The Triton Python-backend model that runs an exported ONNX graph on ONNX Runtime (embedded target).
 
-Each model directory's ``1/model.py`` is one import line naming a class here, so the logic lives in
-the installed, tested package. ``execute`` returns exactly one response per request, and a bad
+Each model directory's ``1/model.py`` is one import line naming a class here (or, for the steps that
+prepare and interpret fields, in :mod:`engine.triton_models`), so the logic lives in the installed,
+tested package. ``execute`` returns exactly one response per request, and a bad
 request (an undecodable upload) gets its own ``TritonError`` without failing its batch-mates.
 """
 
@@ -55,34 +56,3 @@ class OnnxRuntimeModel:
 
     def finalize(self) -> None:
         self.session = None
-
-
-class PreprocessModel:
-    """Encoded image bytes -> the preprocessed uint8 field, with the same code the gateway runs."""
-
-    def initialize(self, args: dict) -> None:
-        from preprocessing import PreprocessConfig, StainReference
-
-        config = json.loads(args["model_config"])
-        self.size = int(_parameter(config, "image_size", "224"))
-        self.reference = StainReference.from_dict(json.loads(_parameter(config, "stain_reference", "{}")))
-        self.preprocess_config = PreprocessConfig.from_dict(json.loads(_parameter(config, "preprocess", "{}")))
-
-    def execute(self, requests: list) -> list:
-        from preprocessing import InvalidImageError, preprocess_bytes
-
-        pb_utils = _pb_utils()
-        responses = []
-        for request in requests:
-            encoded = pb_utils.get_input_tensor_by_name(request, "image_bytes").as_numpy().reshape(-1)
-            try:
-                fields = [
-                    preprocess_bytes(bytes(item), size=self.size, reference=self.reference,
-                                     config=self.preprocess_config)[1]
-                    for item in encoded
-                ]
-            except InvalidImageError as error:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error))))
-                continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", np.stack(fields))]))
-        return responses

@@ -35,16 +35,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         server = None
         url = settings.triton_url
         if url is None:
-            server = EmbeddedTriton(settings.repository, ready_timeout=settings.triton_ready_timeout_s)
+            server = EmbeddedTriton(settings.repository, host=settings.triton_host,
+                                    grpc_port=settings.triton_grpc_port, http_port=settings.triton_http_port,
+                                    ready_timeout=settings.triton_ready_timeout_s)
             await anyio.to_thread.run_sync(server.start)
             url = server.grpc_url
-            logger.info("embedded Triton ready at %s (http %s)", server.grpc_url, server.http_url)
+            logger.info("embedded Triton ready: gRPC %s, HTTP %s, metrics %s", server.grpc_url, server.http_url,
+                        f"{server.host}:{server.metrics_port}")
         client = AsyncTritonClient(url, inflight=settings.inflight, timeout_s=settings.triton_timeout_s)
         threads = settings.preprocess_threads or (os.cpu_count() or 1)
         executor = JobExecutor()
         app.state.gateway = GatewayState(settings, model, client, GatewayMetrics(), anyio.CapacityLimiter(threads),
                                          executor)
         app.state.triton_server = server
+        app.state.endpoints = {"triton_grpc": url, **({"triton_http": server.http_url,
+                                                       "triton_metrics": f"{server.host}:{server.metrics_port}"}
+                                                      if server else {})}
         try:
             yield
         finally:

@@ -23,6 +23,8 @@ class Health(BaseModel):
     model_version: str | None = None
     triton: str | None = None
     max_upload_bytes: int | None = Field(None, description="uploads larger than this are refused (413)")
+    endpoints: dict[str, str] | None = Field(None, description="where each endpoint listens (gateway, Triton gRPC, "
+                                             "Triton HTTP, Triton metrics)")
 
 
 class ModelInfo(BaseModel):

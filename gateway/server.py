@@ -10,9 +10,19 @@ import uvicorn
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+logger = logging.getLogger("hybridcn.serve")
 
-def serve(*, host: str = "127.0.0.1", port: int = 8000, repository: Path | None = None) -> int:
+
+def serve(*, host: str = "127.0.0.1", port: int = 8000, repository: Path | None = None, grpc_port: int = 0,
+          triton_http_port: int = 0) -> int:
+    """Run the gateway (and the embedded Triton on the same address) until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = GatewaySettings(**({"repository": repository} if repository else {}))
+    if host not in LOOPBACK:
+        logger.warning("binding to %s: the gateway and Triton have no authentication yet; anyone who can reach "
+                       "this address can use them - keep it behind a trusted network", host)
+    settings = GatewaySettings(**({"repository": repository} if repository else {}), triton_host=host,
+                               triton_grpc_port=grpc_port, triton_http_port=triton_http_port)
+    logger.info("gateway on http://%s:%d (web page at /, readiness at /readyz)", host, port)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     return 0

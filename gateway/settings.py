@@ -17,6 +17,9 @@ class GatewaySettings(BaseSettings):
     repository: Path = Field(default_factory=default_repository,
                              description="Triton model repository written by `hybridcn export`")
     triton_url: str | None = Field(None, description="HOST:PORT of Triton gRPC; unset = start the embedded server")
+    triton_host: str = Field("127.0.0.1", description="address the embedded Triton binds to")
+    triton_grpc_port: int = Field(0, ge=0, le=65535, description="embedded Triton's gRPC port (0 = a free one)")
+    triton_http_port: int = Field(0, ge=0, le=65535, description="embedded Triton's HTTP port (0 = a free one)")
     max_upload_bytes: int = Field(40 * 1024 * 1024, gt=0)
     max_pixels: int = Field(64_000_000, gt=0)
     inflight: int = Field(16, gt=0, description="concurrent Triton requests per gateway process")

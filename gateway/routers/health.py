@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -19,12 +19,14 @@ async def get_health(state: State) -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-async def get_readiness(state: State):
+async def get_readiness(state: State, request: Request):
     """Readiness: Triton is up and the ``hybridcn_nas`` ensemble is loaded."""
     ready = await state.client.ready()
     state.metrics.triton_ready.set(1 if ready else 0)
+    endpoints = {"gateway": f"{request.url.scheme}://{request.url.netloc}",
+                 **getattr(request.app.state, "endpoints", {})}
     body = Health(status="ready" if ready else "not ready", model_version=state.model.model_version,
-                  triton=state.client.url, max_upload_bytes=state.settings.max_upload_bytes)
+                  triton=state.client.url, max_upload_bytes=state.settings.max_upload_bytes, endpoints=endpoints)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

@@ -76,16 +76,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from export.build import build_repository
+    from export.build import build_repository, rebuild_repository
 
+    if bool(args.model) == bool(args.from_repository):
+        print("hybridcn export: error: give --model (a trained checkpoint) or --from-repository (an exported "
+              "repository), not both", file=sys.stderr)
+        return 2
     if args.ship and args.out:
         print("hybridcn export: error: --ship replaces the shipped model_repository/; do not also give --out",
               file=sys.stderr)
         return 2
     out = shipped_repository() if args.ship else Path(args.out or EXPORT_BUILD_DIR)
-    manifest = build_repository(Path(args.model), out, target=args.target,
-                                calibration=Path(args.calibration) if args.calibration else None,
-                                check_parity=not args.skip_parity)
+    if args.from_repository:
+        manifest = rebuild_repository(Path(args.from_repository), out, target=args.target)
+    else:
+        manifest = build_repository(Path(args.model), out, target=args.target,
+                                    calibration=Path(args.calibration) if args.calibration else None,
+                                    check_parity=not args.skip_parity)
     print(manifest.model_dump_json(indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -104,7 +111,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve
 
-    return serve(host=args.host, port=args.port, repository=Path(args.repository))
+    return serve(host=args.host, port=args.port, repository=Path(args.repository), grpc_port=args.grpc_port,
+                 triton_http_port=args.triton_http_port)
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
@@ -189,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("export", help="export a trained model to ONNX and write a Triton model repository")
-    p.add_argument("--model", required=True, help="model.pt from `hybridcn train`")
+    p.add_argument("--model", help="model.pt from `hybridcn train`")
+    p.add_argument("--from-repository", metavar="DIR",
+                   help="rewrite an exported repository (its ONNX graphs and manifest) for --target, no checkpoint "
+                        "needed; e.g. the GPU repository of the shipped model")
     p.add_argument("--out", help=f"repository folder to write (default: {EXPORT_BUILD_DIR})")
     p.add_argument("--ship", action="store_true",
                    help="replace the shipped model_repository/ of this checkout (a deliberate step: every copy "
@@ -210,9 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("serve", help="start embedded Triton and the gateway")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the gateway and the embedded Triton bind to (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=0,
+                   help="embedded Triton's gRPC port for integrators (default 0: a free port, shown by /readyz)")
+    p.add_argument("--triton-http-port", type=int, default=0,
+                   help="embedded Triton's HTTP port (default 0: a free port, shown by /readyz)")
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="Triton model repository to serve")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("classify", help="classify image files (starts embedded Triton unless --triton is given)")

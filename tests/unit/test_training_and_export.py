@@ -180,7 +180,7 @@ def test_repository_configs_parse_and_wire_up(trained, tmp_path, target):
     repository = tmp_path / "repo"
     manifest = build_repository(path, repository, target=target, calibration=calibration)
     configs = {p.parent.name: parse_config(p.read_text()) for p in repository.glob("*/config.pbtxt")}
-    assert set(configs) == {"segmentation", "features", "head", "preprocess", ENSEMBLE, RAW_ENSEMBLE}
+    assert set(configs) == {"segmentation", "features", "head", "preprocess", "interpret", ENSEMBLE, RAW_ENSEMBLE}
     for config in configs.values():
         assert config.max_batch_size == 16
         if config.platform != "ensemble":
@@ -197,7 +197,7 @@ def test_repository_configs_parse_and_wire_up(trained, tmp_path, target):
             assert (repository / name / "1" / "model.py").is_file()
         assert len(config.model_warmup) == 1
         assert (repository / name / "1" / "model.onnx").is_file()
-    assert configs["preprocess"].backend == "python"
+    assert configs["preprocess"].backend == configs["interpret"].backend == "python"
     assert configs["head"].output[0].label_filename == "labels.txt"
     # every ensemble step names a model in the repository and maps tensors some step produces
     for ensemble in (ENSEMBLE, RAW_ENSEMBLE):
@@ -302,12 +302,14 @@ def test_shipped_repository_is_complete_and_parses():
 
     repository = Path(__file__).resolve().parents[2] / "model_repository"
     configs = {p.parent.name: parse_config(p.read_text()) for p in repository.glob("*/config.pbtxt")}
-    assert set(configs) == {"segmentation", "features", "head", "preprocess", ENSEMBLE, RAW_ENSEMBLE}
+    assert set(configs) == {"segmentation", "features", "head", "preprocess", "interpret", ENSEMBLE, RAW_ENSEMBLE}
     manifest = read_manifest(repository)
     assert manifest.profile["name"] == "compact" and manifest.training["n_train"] == 2519
     assert 0 < manifest.review_threshold < 1 and manifest.temperature > 0
-    preprocess = configs["preprocess"].parameters
-    assert json.loads(preprocess["stain_reference"].string_value) == manifest.stain_reference
+    # the Python steps read the manifest itself, not a copy of it in their parameters
+    assert not configs["preprocess"].parameters and not configs["interpret"].parameters
+    for name in ("preprocess", "interpret"):
+        assert "engine.triton_models" in (repository / name / "1" / "model.py").read_text()
     total = sum(p.stat().st_size for p in repository.rglob("*") if p.is_file())
     assert total < 40 * 1024 * 1024  # shipped artifacts stay small
 

@@ -1,1 +1,1 @@
-from export.triton_models import PreprocessModel as TritonPythonModel  # noqa: F401
+from engine.triton_models import PreprocessModel as TritonPythonModel  # noqa: F401

@@ -1,0 +1,1 @@
+from engine.triton_models import InterpretModel as TritonPythonModel  # noqa: F401
