@@ -3,6 +3,8 @@
 Each file goes through the gateway's own preparation (decode, fit, QC, Reinhard, CLAHE, multiscale),
 then through the three ONNX graphs of the repository: in-process on ONNX Runtime by default, or
 through a running Triton (``triton="HOST:PORT"``). Unreadable files are listed, not scored.
+``hybridcn evaluate --binary`` scores benign against malignant on folders labelled that way
+(:func:`evaluate_binary_folder`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from engine.model import ServedModel
 from export.runtime import EnsembleOutput, OnnxEnsemble
 from preprocessing import InvalidImageError, decode_image
 from preprocessing.shifts import SHIFTS, shift_field
-from training.data import find_samples
+from training.data import BINARY_NAMES, DataLayoutError, find_binary_samples, find_samples
 from training.metrics import (
+    binary_metrics,
     bootstrap_intervals,
     classification_metrics,
     error_detection_auroc,
@@ -86,6 +89,22 @@ def shift_benchmark(samples: list, kept: list[int], labels: np.ndarray, clean: d
             "worst_drop_points": max(r["accuracy_drop_points"] for r in results.values())}
 
 
+def _score(paths: list[Path], data: Path, model: ServedModel, repository: Path, triton: str | None,
+           log) -> tuple[list[int], list[dict], np.ndarray]:
+    """``(kept, errors, probabilities)``: the indices of the readable files, the others' errors, the model's
+    class probabilities of the readable ones (float64, in ``model.classes`` order)."""
+    log(f"evaluating {model.model_version} on {len(paths)} fields from {data} "
+        f"({'Triton ' + triton if triton else 'in-process ONNX Runtime'})")
+    with ThreadPoolExecutor() as pool:
+        prepared = list(pool.map(lambda p: _prepare(p, model), paths))
+    errors = [{"path": str(p), "error": error} for p, (_, error) in zip(paths, prepared, strict=True) if error]
+    kept = [i for i, (field, _) in enumerate(prepared) if field is not None]
+    if not kept:
+        raise DataLayoutError(f"no readable fields in {data}")
+    output = _infer_all(np.stack([prepared[i][0] for i in kept]), repository, triton)
+    return kept, errors, output.probabilities.astype(np.float64)
+
+
 def evaluate_folder(data: Path, repository: Path, *, triton: str | None = None, shift_seed: int | None = None,
                     log=print) -> dict:
     """Metrics of the served model on ``data`` (contract: n, accuracy, balanced_accuracy, macro_auc, mcc,
@@ -97,18 +116,8 @@ def evaluate_folder(data: Path, repository: Path, *, triton: str | None = None, 
     started = time.perf_counter()
     model = ServedModel.from_repository(repository)
     samples = find_samples(data)
-    log(f"evaluating {model.model_version} on {len(samples)} fields from {data} "
-        f"({'Triton ' + triton if triton else 'in-process ONNX Runtime'})")
-    with ThreadPoolExecutor() as pool:
-        prepared = list(pool.map(lambda s: _prepare(s.path, model), samples))
-    errors = [{"path": str(s.path), "error": error} for s, (_, error) in zip(samples, prepared, strict=True) if error]
-    kept = [i for i, (field, _) in enumerate(prepared) if field is not None]
-    if not kept:
-        raise ValueError(f"no readable fields in {data}")
-    fields = np.stack([prepared[i][0] for i in kept])
-    output = _infer_all(fields, repository, triton)
+    kept, errors, probabilities = _score([s.path for s in samples], data, model, repository, triton, log)
     labels = np.array([samples[i].label for i in kept])
-    probabilities = output.probabilities.astype(np.float64)
     result = classification_metrics(labels, probabilities)
     if len(np.unique(labels)) == probabilities.shape[1]:
         result["intervals_95"] = bootstrap_intervals(labels, probabilities, rounds=500)
@@ -138,6 +147,58 @@ def evaluate_folder(data: Path, repository: Path, *, triton: str | None = None, 
         result["shifts"] = shift_benchmark(samples, kept, labels, result["triage"], model, repository, triton,
                                            shift_seed, log)
     return result
+
+
+def evaluate_binary_folder(data: Path, repository: Path, *, triton: str | None = None, log=print) -> dict:
+    """Benign-vs-malignant metrics of the served model on ``data`` (``Benign/`` and ``Malignant/`` folders,
+    or the four classes read as two): n, accuracy, balanced_accuracy, auc, mcc, sensitivity, specificity,
+    confusion (2 x 2, benign first), plus errors and per-file predictions.
+
+    The model stays four-class: ``P(malignant) = 1 - P(Benign)``, the sum of the three subtypes, which
+    is what a benign/malignant reading of a field needs; the call is ``P(malignant) >= 0.5``, so a field
+    whose most likely class is Benign can still be called malignant when the subtypes together outweigh it.
+    """
+    started = time.perf_counter()
+    model = ServedModel.from_repository(repository)
+    if BINARY_NAMES[0] not in model.classes:
+        raise DataLayoutError(f"model {model.model_version} has no {BINARY_NAMES[0]} class ({model.classes}); "
+                              "a benign-vs-malignant score needs one")
+    benign = model.classes.index(BINARY_NAMES[0])
+    samples = find_binary_samples(data)
+    kept, errors, probabilities = _score([path for path, _ in samples], data, model, repository, triton, log)
+    labels = np.array([samples[i][1] for i in kept])
+    p_malignant = 1.0 - probabilities[:, benign]
+    result = binary_metrics(labels, p_malignant)
+    result.update({
+        "classes": list(BINARY_NAMES),
+        "malignant_classes": [name for name in model.classes if name != BINARY_NAMES[0]],
+        "model_version": model.model_version,
+        "data": str(data),
+        "backend": f"triton {triton}" if triton else "onnxruntime in-process",
+        "errors": errors,
+        "seconds": round(time.perf_counter() - started, 1),
+        "predictions": [
+            {"path": str(samples[i][0]), "label": BINARY_NAMES[samples[i][1]],
+             "predicted": BINARY_NAMES[int(p >= result["threshold"])], "p_malignant": round(float(p), 6),
+             "predicted_class": model.classes[int(np.argmax(row))]}
+            for i, p, row in zip(kept, p_malignant, probabilities, strict=True)
+        ],
+    })
+    _print_binary_summary(result, log)
+    return result
+
+
+def _print_binary_summary(result: dict, log) -> None:
+    def value(key: str) -> str:
+        return "n/a" if result[key] is None else f"{result[key]:.4f}"
+
+    log(f"sensitivity (malignant called malignant) {value('sensitivity')}, "
+        f"specificity (benign called benign) {value('specificity')}")
+    log("confusion (rows = truth, columns = called, order " + ", ".join(result["classes"]) + "):")
+    for name, row in zip(result["classes"], result["confusion"], strict=True):
+        log(f"  {name:<10} " + " ".join(f"{v:>5}" for v in row))
+    if result["errors"]:
+        log(f"{len(result['errors'])} files could not be read (listed under 'errors')")
 
 
 def _print_summary(result: dict, classes: tuple[str, ...], log) -> None:

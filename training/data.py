@@ -3,6 +3,8 @@
 Layouts read as they are: ``<root>/Original/<class>/*``, ``<root>/<class>/*``, with the class
 folders named as in either public release (``Pro`` or ``[Malignant] Pro-B``). Masks for phase 2
 come from the ``Segmented/`` twin of each field (the authors' HSV threshold: noisy) after cleaning.
+Benign-vs-malignant folders (``Benign/`` and ``Malignant/``, or the four classes read as two) are
+read by :func:`find_binary_samples`; :func:`find_samples` refuses them rather than drop a class.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from hybridcn.profiles import CLASS_NAMES
 from preprocessing.stain import background_tint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+#: Labels of :func:`find_binary_samples`: 0 benign, 1 malignant (any of the three B-ALL subtypes).
+BINARY_NAMES = ("Benign", "Malignant")
 
 _CLASS_ALIASES = {
     "benign": "Benign",
@@ -32,6 +36,10 @@ _CLASS_ALIASES = {
     "[malignant] pro-b": "Pro",
     "pro-b": "Pro",
 }
+
+
+class DataLayoutError(ValueError):
+    """A data folder is not in a layout that can be read for the task asked (a user error, not a bug)."""
 
 
 @dataclass(frozen=True)
@@ -65,17 +73,35 @@ def _class_folders(root: Path) -> dict[str, Path]:
     return found
 
 
-def find_samples(root: str | Path) -> list[Sample]:
-    """All labelled fields under ``root`` in class order, then file number."""
-    root = Path(root)
+def _image_root(root: Path) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
-    image_root = root / "Original" if (root / "Original").is_dir() else root
+    return root / "Original" if (root / "Original").is_dir() else root
+
+
+def _subfolder_names(root: Path) -> list[str]:
+    return sorted(child.name for child in root.iterdir() if child.is_dir() and not child.name.startswith("."))
+
+
+def find_samples(root: str | Path) -> list[Sample]:
+    """All labelled fields under ``root`` in class order, then file number.
+
+    Raises :class:`DataLayoutError` for a folder without class folders, and for one with a ``Malignant/``
+    folder: its fields have no subtype, and scoring the rest alone would silently drop a class.
+    """
+    root = Path(root)
+    image_root = _image_root(root)
     folders = _class_folders(image_root)
+    found = _subfolder_names(image_root)
+    if any(name.strip().lower() == "malignant" for name in found):
+        raise DataLayoutError(
+            f"{image_root} holds a Malignant folder: benign-vs-malignant labels, not the four classes "
+            f"{', '.join(CLASS_NAMES)}; score it with `hybridcn evaluate --binary`"
+        )
     if not folders:
-        raise ValueError(
+        raise DataLayoutError(
             f"no class folders under {image_root}; expected {', '.join(CLASS_NAMES)} "
-            "(or the public release's '[Malignant] ...' names)"
+            f"(or the public release's '[Malignant] ...' names), found {found or 'no sub-folders'}"
         )
     segmented_root = root / "Segmented" if (root / "Segmented").is_dir() else None
     segmented_folders = _class_folders(segmented_root) if segmented_root else {}
@@ -88,6 +114,35 @@ def find_samples(root: str | Path) -> list[Sample]:
             twin = segmented_folders.get(name, Path("/nonexistent")) / path.name
             samples.append(Sample(path, label, file_number(path), twin if twin.is_file() else None))
     samples.sort(key=lambda s: (s.label, s.number, s.path.name))
+    return samples
+
+
+def binary_label(folder_name: str) -> int | None:
+    """0 for a benign folder, 1 for ``Malignant`` or any malignant subtype's folder, ``None`` for others."""
+    if folder_name.strip().lower() == "malignant":
+        return 1
+    name = canonical_class(folder_name)
+    return None if name is None else int(name != "Benign")
+
+
+def find_binary_samples(root: str | Path) -> list[tuple[Path, int]]:
+    """``(path, label)`` of every field under ``root`` labelled benign (0) or malignant (1), benign first.
+
+    Folders: ``Benign/`` and ``Malignant/``, or any of the four-class names (``Pro``, ``[Malignant]
+    Pro-B``...) with the three subtypes read as malignant; mixed layouts are read too. The sub-folders of
+    ``Malignant/`` are read as well (a subtype split below it).
+    """
+    image_root = _image_root(Path(root))
+    found = _subfolder_names(image_root)
+    labelled = [(image_root / name, binary_label(name)) for name in found if binary_label(name) is not None]
+    if not labelled:
+        raise DataLayoutError(f"no benign or malignant folders under {image_root}; expected Benign and Malignant "
+                              f"(or the four class names), found {found or 'no sub-folders'}")
+    samples = []
+    for folder, label in labelled:
+        paths = (p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        samples += [(path, label) for path in paths if path.suffix.lower() in IMAGE_SUFFIXES]
+    samples.sort(key=lambda s: (s[1], file_number(s[0]), str(s[0])))
     return samples
 
 

@@ -44,6 +44,31 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     }
 
 
+def binary_metrics(labels: np.ndarray, p_positive: np.ndarray, *, threshold: float = 0.5) -> dict:
+    """Benign (0) vs malignant (1) scores of ``P(malignant)``: the positive call is ``p >= threshold``.
+
+    Sensitivity is the malignant fields called malignant; ``confusion`` rows are the truth, columns the
+    call, both in the order benign, malignant. ``auc`` is ``None`` when the fields hold one side only.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    p_positive = np.asarray(p_positive, dtype=np.float64)
+    predicted = (p_positive >= threshold).astype(np.int64)
+    confusion = confusion_matrix(labels, predicted, labels=[0, 1])
+    (tn, fp), (fn, tp) = confusion.tolist()
+    both = len(np.unique(labels)) == 2
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((predicted == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)) if both else None,
+        "auc": float(roc_auc_score(labels, p_positive)) if both else None,
+        "mcc": float(matthews_corrcoef(labels, predicted)),
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else None,
+        "specificity": float(tn / (tn + fp)) if tn + fp else None,
+        "confusion": confusion.tolist(),
+        "threshold": threshold,
+    }
+
+
 def bootstrap_intervals(
     labels: np.ndarray, probabilities: np.ndarray, *, rounds: int = 1000, seed: int = 0,
     keys: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_auc", "mcc"),

@@ -99,12 +99,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine.evaluate import evaluate_folder
+    from engine.evaluate import evaluate_binary_folder, evaluate_folder
+    from training.data import DataLayoutError
 
-    result = evaluate_folder(Path(args.data), Path(args.repository), triton=args.triton, shift_seed=args.shift)
+    if args.binary and args.shift is not None:
+        print("hybridcn evaluate: error: --shift scores the four classes; leave it out with --binary", file=sys.stderr)
+        return 2
+    try:
+        if args.binary:
+            result = evaluate_binary_folder(Path(args.data), Path(args.repository), triton=args.triton)
+        else:
+            result = evaluate_folder(Path(args.data), Path(args.repository), triton=args.triton, shift_seed=args.shift)
+    except (DataLayoutError, FileNotFoundError) as error:  # the folder, not the model: one line, no traceback
+        print(f"hybridcn evaluate: error: {error}", file=sys.stderr)
+        return 2
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"n={result['n']} accuracy={result['accuracy']:.4f} balanced_accuracy={result['balanced_accuracy']:.4f} "
-          f"macro_auc={result['macro_auc']:.4f} mcc={result['mcc']:.4f} -> {args.out}")
+
+    def value(key: str) -> str:
+        return "n/a" if result[key] is None else f"{result[key]:.4f}"
+
+    auc = "auc" if args.binary else "macro_auc"
+    print(f"n={result['n']} accuracy={value('accuracy')} balanced_accuracy={value('balanced_accuracy')} "
+          f"{auc}={value(auc)} mcc={value('mcc')} -> {args.out}")
     return 0
 
 
@@ -218,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=int, metavar="SEED",
                    help="also score every field under seeded stain and camera shifts (contrast, hue toward blue and "
                         "red, saturation, brightness/gamma, blur, JPEG) and report accuracy per kind")
+    p.add_argument("--binary", action="store_true",
+                   help="score benign vs malignant (P(malignant) = 1 - P(Benign)) on Benign/ and Malignant/ "
+                        "folders, or on the four class folders read as two")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("serve", help="start embedded Triton and the gateway")
