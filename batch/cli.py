@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from batch.inputs import InputError
-from batch.ledger import FAILED, PENDING, SKIPPED, LedgerError
+from batch.ledger import FAILED, LEDGER_FILE, PENDING, SKIPPED, LedgerError, SQLiteLedger
 from batch.progress import make_progress
 from batch.reports import ReportWriteError
 from batch.runner import BatchError, BatchOptions, run_batch
@@ -27,7 +27,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser, *, default_repository: 
                              "manifest, or a large slide image (TIFF/BigTIFF, PNG, JPEG; .svs, .ndpi, .mrxs... "
                              "through OpenSlide) to tile")
     parser.add_argument("--out", required=True, help="output folder: ledger, results.csv, slides.csv/json, HTML")
-    parser.add_argument("--repository", default=str(default_repository))
+    parser.add_argument("--repository", default=str(default_repository), help="Triton model repository")
     parser.add_argument("--triton", action="append", default=[], metavar="HOST:PORT",
                         help="Triton gRPC endpoint; repeat for several (round robin). Default: start the embedded one")
     parser.add_argument("--retry-failed", action="store_true", help="process the fields that failed before again")
@@ -42,7 +42,8 @@ def add_batch_arguments(parser: argparse.ArgumentParser, *, default_repository: 
                         help="auto: tile slide images given as INPUT and images too large for a field")
     parser.add_argument("--tile-size", type=int, default=0, help="tile side in slide pixels (default: model size)")
     parser.add_argument("--gallery", type=int, default=6, help="fields per gallery section of a slide report")
-    parser.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto")
+    parser.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
+                        help="bars per slide on a terminal, log lines elsewhere (auto), or force one")
     parser.add_argument("--log-every", type=float, default=10.0, help="seconds between progress log lines")
 
 
@@ -73,7 +74,19 @@ def run_batch_cli(args: argparse.Namespace) -> int:
           f"({summary.fields_per_s:.1f} fields/s) -> {summary.reports.index if summary.reports else args.out}",
           flush=True)
     if counts[FAILED]:
-        print(f"{counts[FAILED]} fields failed (reasons in results.csv); rerun with --retry-failed to try them "
-              "again", file=sys.stderr, flush=True)
+        with SQLiteLedger(Path(args.out) / LEDGER_FILE, readonly=True) as ledger:
+            errors = [row.error or "" for row in ledger.rows() if row.status == FAILED]
+        retryable = sum(1 for error in errors if retry_may_help(error))
+        if len(errors) > retryable:
+            print(f"{len(errors) - retryable} fields are not readable images (corrupt, truncated, unsupported); fix "
+                  "or remove those files - the reasons are in results.csv", file=sys.stderr, flush=True)
+        if retryable:
+            print(f"{retryable} fields failed in reading or inference, which a retry can fix; rerun with "
+                  "--retry-failed to try them again", file=sys.stderr, flush=True)
         return EXIT_FIELDS_FAILED
     return EXIT_OK
+
+
+def retry_may_help(error: str) -> bool:
+    """Whether a failed field's recorded error is transient (Triton, I/O) rather than the file itself."""
+    return error.startswith(("inference failed", "unreadable"))

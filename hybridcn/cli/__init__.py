@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from hybridcn.cli.errors import CliError
 from hybridcn.config import EXPORT_BUILD_DIR, default_repository, shipped_repository
 from hybridcn.profiles import PROFILES
 
@@ -135,7 +137,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from hybridcn.cli.local import classify_files
 
     return classify_files([Path(p) for p in args.files], repository=Path(args.repository), triton=args.triton,
-                          as_json=args.json)
+                          as_json=args.json, csv_path=Path(args.csv) if args.csv else None, progress=args.progress)
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
@@ -156,24 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = sorted(PROFILES)
 
     p = sub.add_parser("synth", help="write a deterministic synthetic smear dataset")
-    p.add_argument("--out", required=True)
-    p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder to write (in the Original/<class>/ layout)")
+    p.add_argument("--per-class", type=int, default=8, help="fields per class (default 8)")
+    p.add_argument("--size", type=int, default=224, help="field side in pixels (default 224)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same fields")
     p.set_defaults(func=_cmd_synth)
 
     def training_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data", required=True, help="labelled folder in a public release layout")
-        p.add_argument("--profile", choices=profiles, default="compact")
+        p.add_argument("--profile", choices=profiles, default="compact", help="network sizes (default compact)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override one profile value (JSON), e.g. segmentation.input_scale=2; repeatable")
-        p.add_argument("--out", required=True)
+        p.add_argument("--out", required=True, help="run folder (resumable: rerun the same command to go on)")
         p.add_argument("--masks", help="mask cache from `hybridcn masks` (instead of reading Segmented/)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--seg-epochs", type=int)
-        p.add_argument("--backbone-epochs", type=int)
-        p.add_argument("--head-epochs", type=int)
-        p.add_argument("--batch-size", type=int)
+        p.add_argument("--seed", type=int, default=0, help="random seed of splits, initialisation and augmentation")
+        p.add_argument("--seg-epochs", type=int, help="Attention U-Net epochs (phase 2)")
+        p.add_argument("--backbone-epochs", type=int, help="ConvNeXt + NASNet epochs (phase 3)")
+        p.add_argument("--head-epochs", type=int, help="MHSA head epochs (phase 4)")
+        p.add_argument("--batch-size", type=int, help="training batch size")
         p.add_argument("--feature-views", type=int, help="augmented feature passes per field for the head (default 2)")
         p.add_argument("--background-augment", type=float, metavar="SHARE",
                        help="repaint the background of this share of training fields (default 0: off)")
@@ -183,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vary focus and saturation of this share of training fields (default 0: off)")
         p.add_argument("--head-label-smoothing", type=float, metavar="EPSILON",
                        help="label smoothing of the phase-4 head alone (default: the backbones' 0.1)")
-        p.add_argument("--device")
-        p.add_argument("--workers", type=int)
+        p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
+        p.add_argument("--workers", type=int, help="data loader worker processes")
 
     p = sub.add_parser("train", help="train all four phases on a labelled folder (resumable)")
     training_flags(p)
@@ -193,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="final model + block cross-validation, ablations, shortcut audit")
     training_flags(p)
     p.add_argument("--minutes", type=float, default=60.0, help="time budget; later steps are skipped past it")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=5, help="block cross-validation folds (default 5)")
     p.add_argument("--paper-fold", action="store_true", help="also cross-validate the paper profile if time allows")
     p.add_argument("--cv-backbone-epochs", type=int, help="backbone epochs inside cross-validation")
     p.add_argument("--variants", nargs="+", metavar="VARIANT",
@@ -201,13 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("masks", help="clean the Segmented/ masks once into a compact cache")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="labelled folder with the Segmented/ masks")
+    p.add_argument("--out", required=True, help="the mask cache to write (.npz)")
     p.set_defaults(func=_cmd_masks)
 
     p = sub.add_parser("report", help="statistics, calibration, plots and tables of a study")
-    p.add_argument("study")
-    p.add_argument("--docs", default="docs")
+    p.add_argument("study", help="the study's run folder (from `hybridcn study`)")
+    p.add_argument("--docs", default="docs", help="folder for results.md and the plots (default docs)")
     p.add_argument("--baseline", metavar="STUDY",
                    help="another study of the same folds (an earlier recipe): adds a paired comparison of full models")
     p.set_defaults(func=_cmd_report)
@@ -221,15 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ship", action="store_true",
                    help="replace the shipped model_repository/ of this checkout (a deliberate step: every copy "
                         "stays in git history)")
-    p.add_argument("--target", choices=["embedded", "gpu"], default="embedded")
+    p.add_argument("--target", choices=["embedded", "gpu"], default="embedded",
+                   help="embedded: the CPU tritonserver of nvidia-pytriton; gpu: NVIDIA's Triton with TensorRT")
     p.add_argument("--calibration", help="calibration.json from `hybridcn report`")
-    p.add_argument("--skip-parity", action="store_true")
+    p.add_argument("--skip-parity", action="store_true", help="skip the ONNX-against-PyTorch parity check")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="score the shipped model on a labelled folder")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    p.add_argument("--data", required=True, help="labelled folder in a public release layout (or Benign/ + "
+                   "Malignant/ with --binary)")
+    p.add_argument("--out", required=True, help="the JSON report to write")
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="Triton model repository to score")
     p.add_argument("--triton", help="HOST:PORT of a running Triton gRPC endpoint (default: in-process ONNX Runtime)")
     p.add_argument("--shift", type=int, metavar="SEED",
                    help="also score every field under seeded stain and camera shifts (contrast, hue toward blue and "
@@ -251,10 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("classify", help="classify image files (starts embedded Triton unless --triton is given)")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    p.add_argument("files", nargs="+", metavar="PATH", help="field images, or folders of them (searched recursively)")
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="Triton model repository")
     p.add_argument("--triton", help="HOST:PORT of a running Triton gRPC endpoint")
-    p.add_argument("--json", action="store_true")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="JSON Lines on stdout: one FieldResult per line (the API's fields plus filename); "
+                             "errors as {filename, error} lines on stderr")
+    output.add_argument("--csv", metavar="FILE", help="write one CSV row per field (failures with their error)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: only on a terminal)")
     p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser("batch", help="classify whole slide queues (resumable; results.csv, slides.csv/json, HTML)",
@@ -266,13 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("demo", help="the main job on a fresh machine: serve the shipped model, classify a queue")
-    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
-    p.add_argument("--count", type=int, default=16)
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="Triton model repository")
+    p.add_argument("--count", type=int, default=16, help="synthetic fields to classify (default 16)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
+def _user_error(error: BaseException) -> bool:
+    """Errors that come from what the user gave (paths, servers, files), not from a bug."""
+    from engine.client import TritonUnavailableError
+    from engine.triton_server import TritonStartError
+
+    return isinstance(error, (CliError, OSError, ValueError, TritonUnavailableError, TritonStartError))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error is one line on stderr and exit status 1 (``HYBRIDCN_DEBUG=1``: traceback)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"hybridcn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get("HYBRIDCN_DEBUG") or not _user_error(error):
+            raise
+        print(f"hybridcn {args.command}: error: {error}", file=sys.stderr)
+        return 1
 

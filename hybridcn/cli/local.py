@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 import tempfile
@@ -12,13 +13,17 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from tenacity import RetryError
+from tqdm import tqdm
 
-from engine.client import TritonClient
+from batch.inputs import FIELD_SUFFIXES
+from engine.client import TritonClient, TritonUnavailableError
 from engine.field import interpret, prepare_bytes
 from engine.model import ServedModel
 from engine.triton_server import free_port, triton_endpoint, wait_until
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from hybridcn.cli.errors import CliError
 from hybridcn.contracts import FieldResult
 from hybridcn.synth import write_dataset
 from preprocessing import InvalidImageError
@@ -31,26 +36,95 @@ def _format(name: str, result: FieldResult) -> str:
            f"[{probabilities}]"
 
 
-def classify_files(files: list[Path], *, repository: Path, triton: str | None = None, as_json: bool = False) -> int:
-    """Classify each file; a bad file is reported and skipped. Exit code 1 if any file failed."""
+def collect_files(paths: list[Path]) -> list[Path]:
+    """Image files named directly, and those under named folders (recursively, sorted); raises :class:`CliError`."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FIELD_SUFFIXES)
+            if not found:
+                raise CliError(f"{path}: no image files ({', '.join(FIELD_SUFFIXES)}) in this folder")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise CliError(f"{path}: no such file or folder")
+    return files
+
+
+def _connect(url: str, *, timeout_s: float = 10.0) -> TritonClient:
+    client = TritonClient(url)
+    try:
+        wait_until(client.ready, timeout_s=timeout_s, interval_s=0.5)
+    except RetryError:
+        client.close()
+        raise CliError(f"Triton at {url} is not reachable or the hybridcn_nas model is not loaded (waited "
+                       f"{timeout_s:.0f}s)") from None
+    return client
+
+
+def _csv_header(classes: tuple[str, ...]) -> list[str]:
+    return ["file", "label", *(f"p_{c}" for c in classes), "confidence", "needs_review", "review_reasons",
+            "review_threshold", "cell_count", "qc_flags", "model_version", "error"]
+
+
+def _csv_row(name: str, result: FieldResult | None, classes: tuple[str, ...], error: str = "") -> list:
+    if result is None:
+        return [name, "", *([""] * len(classes)), "", "", "", "", "", "", "", error]
+    return [name, result.label, *(f"{result.probabilities[c]:.6f}" for c in classes), f"{result.confidence:.6f}",
+            int(result.needs_review), "; ".join(result.review_reasons), result.review_threshold, result.cell_count,
+            ";".join(result.qc.flags), result.model_version, ""]
+
+
+def classify_files(paths: list[Path], *, repository: Path, triton: str | None = None, as_json: bool = False,
+                   csv_path: Path | None = None, progress: bool | None = None) -> int:
+    """Classify files and folders of fields; a bad file is reported and the rest go on.
+
+    Output: one line per field on stdout (JSON Lines with ``as_json``: each line a ``FieldResult`` plus
+    ``filename``), or a CSV file. Exit status 0, or 1 when any file failed.
+    """
+    files = collect_files(paths)
     model = ServedModel.from_repository(repository)
     failures = 0
-    with triton_endpoint(repository, triton) as url:
-        client = TritonClient(url)
-        for path in files:
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    table = open(csv_path, "w", newline="") if csv_path else None  # noqa: SIM115 - closed below
+    writer = csv.writer(table) if table else None
+    if writer:
+        writer.writerow(_csv_header(model.classes))
+    try:
+        with triton_endpoint(repository, triton) as url:
+            client = _connect(url)
             try:
-                prepared = prepare_bytes(Path(path).read_bytes(), model)
-                started = time.perf_counter()
-                output = client.infer(prepared.preprocessed[None])
-                result = interpret(prepared, output, model, {"triton": (time.perf_counter() - started) * 1000})
-                result.filename = str(path)
-                line = result.model_dump_json(exclude_none=True) if as_json else _format(str(path), result)
-                print(line, flush=True)
-            except (InvalidImageError, OSError) as error:
-                failures += 1
-                message = {"file": str(path), "error": str(error)}
-                print(json.dumps(message) if as_json else f"{path}: ERROR {error}", file=sys.stderr, flush=True)
-        client.close()
+                for path in tqdm(files, desc="classify", unit="field", disable=not show_progress, file=sys.stderr):
+                    try:
+                        prepared = prepare_bytes(path.read_bytes(), model)
+                        started = time.perf_counter()
+                        output = client.infer(prepared.preprocessed[None])
+                    except (InvalidImageError, OSError) as error:
+                        failures += 1
+                        if writer:
+                            writer.writerow(_csv_row(str(path), None, model.classes, str(error)))
+                        message = json.dumps({"filename": str(path), "error": str(error)}) if as_json \
+                            else f"{path}: ERROR {error}"
+                        tqdm.write(message, file=sys.stderr)
+                        continue
+                    except TritonUnavailableError as error:
+                        raise CliError(str(error)) from None
+                    result = interpret(prepared, output, model, {"triton": (time.perf_counter() - started) * 1000})
+                    result.filename = str(path)
+                    if writer:
+                        writer.writerow(_csv_row(str(path), result, model.classes))
+                    elif as_json:
+                        tqdm.write(result.model_dump_json(exclude_none=True), file=sys.stdout)
+                    else:
+                        tqdm.write(_format(str(path), result), file=sys.stdout)
+            finally:
+                client.close()
+    finally:
+        if table:
+            table.close()
+    if csv_path:
+        print(f"{len(files) - failures} of {len(files)} fields classified -> {csv_path}", file=sys.stderr)
     return 1 if failures else 0
 
 
