@@ -121,32 +121,29 @@ def evaluate_folder(data: Path, repository: Path, *, triton: str | None = None, 
     result = classification_metrics(labels, probabilities)
     if len(np.unique(labels)) == probabilities.shape[1]:
         result["intervals_95"] = bootstrap_intervals(labels, probabilities, rounds=500)
-    confidence = probabilities.max(axis=1)
-    accepted = confidence >= model.review_threshold
-    correct = probabilities.argmax(axis=1) == labels
-    result["review"] = {
-        "threshold": model.review_threshold,
-        "fraction_to_review": float(1 - accepted.mean()),
-        "accuracy_of_auto_accepted": float(correct[accepted].mean()) if accepted.any() else None,
-    }
+    result["triage"] = _triage(labels, probabilities, model.review_threshold)
+    result["review"] = {"threshold": model.review_threshold,
+                        **{k: result["triage"][k] for k in ("fraction_to_review", "accuracy_of_auto_accepted")}}
     result.update({
-        "model_version": model.model_version,
-        "data": str(data),
-        "backend": f"triton {triton}" if triton else "onnxruntime in-process",
-        "errors": errors,
-        "seconds": round(time.perf_counter() - started, 1),
+        **_provenance(model, data, triton, errors, started),
         "predictions": [
             {"path": str(samples[i].path), "label": samples[i].class_name,
              "predicted": model.classes[int(np.argmax(p))], "confidence": round(float(np.max(p)), 6)}
             for i, p in zip(kept, probabilities, strict=True)
         ],
     })
-    result["triage"] = _triage(labels, probabilities, model.review_threshold)
     _print_summary(result, model.classes, log)
     if shift_seed is not None:
         result["shifts"] = shift_benchmark(samples, kept, labels, result["triage"], model, repository, triton,
                                            shift_seed, log)
     return result
+
+
+def _provenance(model: ServedModel, data: Path, triton: str | None, errors: list, started: float) -> dict:
+    """What was scored, how, and what could not be read: the same keys in every evaluation report."""
+    return {"model_version": model.model_version, "data": str(data),
+            "backend": f"triton {triton}" if triton else "onnxruntime in-process", "errors": errors,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def evaluate_binary_folder(data: Path, repository: Path, *, triton: str | None = None, log=print) -> dict:
@@ -172,11 +169,7 @@ def evaluate_binary_folder(data: Path, repository: Path, *, triton: str | None =
     result.update({
         "classes": list(BINARY_NAMES),
         "malignant_classes": [name for name in model.classes if name != BINARY_NAMES[0]],
-        "model_version": model.model_version,
-        "data": str(data),
-        "backend": f"triton {triton}" if triton else "onnxruntime in-process",
-        "errors": errors,
-        "seconds": round(time.perf_counter() - started, 1),
+        **_provenance(model, data, triton, errors, started),
         "predictions": [
             {"path": str(samples[i][0]), "label": BINARY_NAMES[samples[i][1]],
              "predicted": BINARY_NAMES[int(p >= result["threshold"])], "p_malignant": round(float(p), 6),
