@@ -42,7 +42,7 @@ class ReportWriteError(RuntimeError):
 def result_columns(classes: Sequence[str]) -> list[str]:
     return ["slide_id", "source", "kind", "tile_x", "tile_y", "tile_w", "tile_h", "status", "label",
             *(f"p_{name}" for name in classes), "confidence", "needs_review", "review_reasons", "cell_count",
-            "qc_flags", "model_version", "error"]
+            "ood_score", "qc_flags", "model_version", "error"]
 
 
 def _result_record(row: FieldRow, classes: Sequence[str]) -> list:
@@ -52,7 +52,8 @@ def _result_record(row: FieldRow, classes: Sequence[str]) -> list:
     probabilities = [f"{row.probabilities[name]:.6f}" if done else "" for name in classes]
     return [row.spec.slide_id, row.spec.source, row.spec.kind, *coords, row.status, row.label or "",
             *probabilities, f"{row.confidence:.6f}" if done else "", int(bool(row.needs_review)) if done else "",
-            "; ".join(row.review_reasons), row.cell_count if done else "", ";".join(row.qc_flags),
+            "; ".join(row.review_reasons), row.cell_count if done else "",
+            "" if row.result is None or row.result.ood_score is None else row.result.ood_score, ";".join(row.qc_flags),
             row.model_version or "", row.error or ""]
 
 

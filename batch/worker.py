@@ -88,7 +88,7 @@ def prepare_one(field_id: int, spec: FieldSpec, model: ServedModel, readers: Rea
     # The main process needs what goes to Triton, the QC, and a thumbnail; the full field stays here.
     nothing = np.empty((0, 0, 3), np.uint8)
     light = PreparedField(nothing, nothing, prepared.preprocessed, prepared.qc, prepared.source_shape,
-                          prepared.timings_ms)
+                          prepared.timings_ms, prepared.statistics)
     thumbnail = cv2.resize(prepared.display, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
     return Preparation(field_id, OK, light, thumbnail=thumbnail)
 

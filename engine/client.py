@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from export.repository import ENSEMBLE
-from export.runtime import OUTPUTS, EnsembleOutput
+from export.runtime import ALL_OUTPUTS, EnsembleOutput
 
 
 class TritonUnavailableError(RuntimeError):
@@ -16,15 +16,17 @@ class TritonUnavailableError(RuntimeError):
 
 
 def _inputs(module, images: np.ndarray):
+    """The request; no outputs named, so Triton returns every output of the served ensemble."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected (N, H, W, 3) uint8 fields, got {images.dtype} {images.shape}")
     tensor = module.InferInput("image", list(images.shape), "UINT8")
     tensor.set_data_from_numpy(np.ascontiguousarray(images))
-    return [tensor], [module.InferRequestedOutput(name) for name in OUTPUTS]
+    return [tensor], None
 
 
 def _unpack(result) -> EnsembleOutput:
-    return EnsembleOutput(*(result.as_numpy(name) for name in OUTPUTS))
+    """``ood_score`` is ``None`` when the repository has no ``ood`` step (``as_numpy`` of a missing output)."""
+    return EnsembleOutput(*(result.as_numpy(name) for name in ALL_OUTPUTS))
 
 
 class AsyncTritonClient:

@@ -22,6 +22,7 @@ from preprocessing import (
     fit_field,
     split_cells,
 )
+from preprocessing.fieldstats import STATISTICS, field_statistics
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PreparedField:
     qc: FieldQC
     source_shape: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    statistics: np.ndarray | None = None  # preprocessing.fieldstats of ``original``, for the OOD check
 
 
 def _ms(start: float) -> float:
@@ -57,7 +59,9 @@ def _finish(rgb: np.ndarray, original: np.ndarray, qc: FieldQC, model: ServedMod
     display = original if model.field_size == model.image_size else fit_field(
         rgb, model.field_size, max_aspect_ratio=model.preprocess.max_aspect_ratio)
     preprocessed = enhance_field(original, model.reference, model.preprocess)
-    return PreparedField(original, display, preprocessed, qc, rgb.shape[:2], {"preprocess": _ms(started)})
+    statistics = field_statistics(original) if model.manifest.ood is not None else None
+    return PreparedField(original, display, preprocessed, qc, rgb.shape[:2], {"preprocess": _ms(started)},
+                         statistics)
 
 
 def prepare_bytes(data: bytes, model: ServedModel) -> PreparedField:
@@ -68,6 +72,33 @@ def prepare_bytes(data: bytes, model: ServedModel) -> PreparedField:
     prepared = prepare_array(rgb, model)
     prepared.timings_ms = {"decode": decode_ms, **prepared.timings_ms}
     return prepared
+
+
+def out_of_distribution(model: ServedModel, statistics: np.ndarray | None, feature_score: np.ndarray | None
+                        ) -> tuple[float | None, float | None, list[str]]:
+    """``(score, blob radius, review reasons)`` of a field under the manifest's out-of-distribution check.
+
+    The score is the larger of the feature and acquisition scores, each divided by its threshold (so 1 is
+    the boundary). ``None`` where the model has no check or a path could not supply its input.
+    """
+    check = model.manifest.ood
+    if check is None or statistics is None or feature_score is None:
+        return None, None, []
+    centred = statistics.astype(np.float64) - np.asarray(check.statistics_mean)
+    acquisition = float(((centred @ np.asarray(check.statistics_whitening)) ** 2).sum() / len(centred))
+    features = float(np.asarray(feature_score).reshape(-1)[0])
+    score = max(features / check.feature_threshold, acquisition / check.statistics_threshold)
+    blob = float(np.exp(statistics[STATISTICS.index("log_blob_scale")]))
+    reasons = []
+    if score > 1:
+        reasons.append(f"out_of_distribution: score {score:.2f} (features {features / check.feature_threshold:.2f}, "
+                       f"acquisition {acquisition / check.statistics_threshold:.2f}; over 1 is unlike the training "
+                       "fields)")
+    low, high = check.scale_range
+    if not low <= blob <= high:
+        reasons.append(f"scale_out_of_range: cell scale {blob:.1f} px, training fields {low:.1f}-{high:.1f} px "
+                       "(another magnification, or not a smear field)")
+    return round(score, 4), round(blob, 3), reasons
 
 
 def interpret(prepared: PreparedField, output: EnsembleOutput, model: ServedModel,
@@ -85,6 +116,8 @@ def interpret(prepared: PreparedField, output: EnsembleOutput, model: ServedMode
     reasons += [f"field QC: {flag}" for flag in prepared.qc.flags]
     if not cells:
         reasons.append("no cells segmented")
+    ood_score, blob, ood_reasons = out_of_distribution(model, prepared.statistics, output.ood_score)
+    reasons += ood_reasons
     timings = {**prepared.timings_ms, **(timings_ms or {}), "postprocess": _ms(start)}
     return FieldResult(
         label=model.classes[best],
@@ -96,6 +129,8 @@ def interpret(prepared: PreparedField, output: EnsembleOutput, model: ServedMode
         cell_count=len(cells),
         cells=[Cell(bbox=[round(v * scale) for v in c.bbox], area=round(c.area * scale * scale),
                     centroid=[round(v * scale, 1) for v in c.centroid]) for c in cells],
+        ood_score=ood_score,
+        scale=blob,
         qc=FieldQCResult(**prepared.qc.to_dict()),
         model_version=model.model_version,
         timings_ms=timings,

@@ -47,7 +47,7 @@ class PreprocessModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                     f"{error.code}: {error.message}")))
                 continue
-            qc = np.array([[json.dumps(p.qc.to_dict()).encode()] for p in prepared], dtype=object)
+            qc = np.array([[json.dumps(_carried(p)).encode()] for p in prepared], dtype=object)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("image", np.stack([p.preprocessed for p in prepared])),
                 pb_utils.Tensor("qc", qc),
@@ -55,10 +55,17 @@ class PreprocessModel:
         return responses
 
 
-def _qc(encoded: bytes) -> FieldQC:
+def _carried(prepared: PreparedField) -> dict:
+    """What ``interpret`` needs of the preparation: the QC and, for the OOD check, the field statistics."""
+    statistics = None if prepared.statistics is None else prepared.statistics.tolist()
+    return {**prepared.qc.to_dict(), "statistics": statistics}
+
+
+def _uncarried(encoded: bytes) -> tuple[FieldQC, np.ndarray | None]:
     values = json.loads(encoded)
     values.pop("flags", None)  # derived from the others
-    return FieldQC(**values)
+    statistics = values.pop("statistics", None)
+    return FieldQC(**values), None if statistics is None else np.asarray(statistics, np.float32)
 
 
 class InterpretModel:
@@ -77,11 +84,15 @@ class InterpretModel:
             probabilities = pb_utils.get_input_tensor_by_name(request, "probabilities").as_numpy()
             mask = pb_utils.get_input_tensor_by_name(request, "mask").as_numpy()
             qc = pb_utils.get_input_tensor_by_name(request, "qc").as_numpy().reshape(-1)
+            ood = pb_utils.get_input_tensor_by_name(request, "ood_score")
+            ood = None if ood is None else ood.as_numpy()
             results = []
             for i in range(len(probabilities)):
-                prepared = PreparedField(self._empty, self._empty, self._empty, _qc(bytes(qc[i])), self._shape)
+                field_qc, statistics = _uncarried(bytes(qc[i]))
+                prepared = PreparedField(self._empty, self._empty, self._empty, field_qc, self._shape,
+                                         statistics=statistics)
                 output = EnsembleOutput(probabilities[i : i + 1], np.zeros((1, 0), np.float32), mask[i : i + 1],
-                                        mask[i : i + 1])
+                                        mask[i : i + 1], None if ood is None else ood[i : i + 1])
                 results.append(interpret(prepared, output, self.model))
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("result", np.array([[r.model_dump_json(exclude_none=True).encode()]

@@ -106,14 +106,18 @@ def _replace(staging: Path, out: Path) -> None:
     staging.rename(out)
 
 
-def rebuild_repository(source: Path, out: Path, *, target: str = "embedded") -> Manifest:
+def rebuild_repository(source: Path, out: Path, *, target: str = "embedded", manifest: Manifest | None = None,
+                       extra_graphs: dict[str, Path] | None = None) -> Manifest:
     """Write a repository for ``target`` from an existing one's ONNX graphs and manifest (no checkpoint).
 
     How a fresh clone gets the GPU repository of the shipped model, and how config changes reach the
     shipped repository without touching its weights (the model version, a hash of the graphs, stays).
     """
-    manifest = read_manifest(source)
+    manifest = manifest or read_manifest(source)
     onnx_files = {stage: Path(source) / stage / "1" / "model.onnx" for stage in ("segmentation", "features", "head")}
+    if (Path(source) / "ood" / "1" / "model.onnx").is_file():
+        onnx_files["ood"] = Path(source) / "ood" / "1" / "model.onnx"
+    onnx_files.update(extra_graphs or {})
     missing = [str(path) for path in onnx_files.values() if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{source} lacks the exported graphs: {', '.join(missing)}")

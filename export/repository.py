@@ -19,7 +19,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from hybridcn.contracts import Manifest
-from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
+from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, OOD_INPUTS, OOD_OUTPUTS, SEGMENTATION_OUTPUTS
 
 TARGETS = ("embedded", "gpu")
 ENSEMBLE = "hybridcn_nas"
@@ -60,6 +60,7 @@ def stage_tensors(image_size: int, feature_width: int, tokens: int, classes: int
         "result": TensorSpec("result", "TYPE_STRING", (1,)),
         "needs_review": TensorSpec("needs_review", "TYPE_BOOL", (1,)),
         "cell_count": TensorSpec("cell_count", "TYPE_INT32", (1,)),
+        "ood_score": TensorSpec("ood_score", "TYPE_FP32", (1,)),
     }
 
 
@@ -130,7 +131,7 @@ def write_repository(
 ) -> list[Path]:
     """Write the full repository for ``target`` under ``out``; returns the config paths written.
 
-    ``onnx_files`` maps ``segmentation``, ``features``, ``head`` to their exported graphs.
+    ``onnx_files`` maps ``segmentation``, ``features``, ``head`` (and, once fitted, ``ood``) to their graphs.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
@@ -152,6 +153,9 @@ def write_repository(
         "features": (["segmented_image"], list(FEATURE_OUTPUTS)),
         "head": (["features"], list(HEAD_OUTPUTS)),
     }
+    with_ood = "ood" in onnx_files
+    if with_ood:
+        stage_io["ood"] = (list(OOD_INPUTS), list(OOD_OUTPUTS))
     for stage, (stage_inputs, stage_outputs) in stage_io.items():
         files = {"1/model.onnx": onnx_files[stage].read_bytes()}
         if target == "embedded":
@@ -166,20 +170,22 @@ def write_repository(
     # the two Python steps read the model from the manifest beside the ensemble: one source of truth
     write(model_config("preprocess", [tensors["image_bytes"]], [tensors["image"], tensors["qc"]], target=target,
                        python=True), {"1/model.py": _python_model("PreprocessModel", "engine.triton_models")})
-    write(model_config("interpret", [tensors[n] for n in ("probabilities", "mask", "qc")],
+    interpret_inputs = ("probabilities", "mask", "qc", *(OOD_OUTPUTS if with_ood else ()))
+    write(model_config("interpret", [tensors[n] for n in interpret_inputs],
                        [tensors[n] for n in INTERPRET_OUTPUTS], target=target, python=True),
           {"1/model.py": _python_model("InterpretModel", "engine.triton_models")})
-    outputs = [tensors[n] for n in ("probabilities", "feature_attention", "mask", "attention")]
+    outputs = [tensors[n] for n in ("probabilities", "feature_attention", "mask", "attention",
+                                    *(OOD_OUTPUTS if with_ood else ()))]
     core_steps = [
         ("segmentation", {"image": "image"}, _identity(SEGMENTATION_OUTPUTS)),
         ("features", {"segmented_image": "segmented_image"}, _identity(FEATURE_OUTPUTS)),
         ("head", {"features": "features"}, _identity(HEAD_OUTPUTS)),
+        *([("ood", {"features": "features"}, _identity(OOD_OUTPUTS))] if with_ood else []),
     ]
     write(ensemble_config(ENSEMBLE, [tensors["image"]], outputs, core_steps),
           {MANIFEST: manifest.model_dump_json(indent=2).encode(), "1/.keep": b""})
     raw_steps = [("preprocess", {"image_bytes": "image_bytes"}, {"image": "image", "qc": "qc"}), *core_steps,
-                 ("interpret", {"probabilities": "probabilities", "mask": "mask", "qc": "qc"},
-                  _identity(INTERPRET_OUTPUTS))]
+                 ("interpret", _identity(interpret_inputs), _identity(INTERPRET_OUTPUTS))]
     raw_outputs = [*outputs, tensors["image"], *(tensors[n] for n in INTERPRET_OUTPUTS)]
     write(ensemble_config(RAW_ENSEMBLE, [tensors["image_bytes"]], raw_outputs, raw_steps), {"1/.keep": b""})
     return written

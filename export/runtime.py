@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from hybridcn.tensors import ENSEMBLE_OUTPUTS as OUTPUTS
-from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, SEGMENTATION_OUTPUTS
+from hybridcn.tensors import FEATURE_OUTPUTS, HEAD_OUTPUTS, OOD_OUTPUTS, SEGMENTATION_OUTPUTS
+
+ALL_OUTPUTS = (*OUTPUTS, *OOD_OUTPUTS)
 
 
 def onnx_session(path: Path, *, threads: int = 0, spin: bool = True, flush_denormals: bool = True):
@@ -42,26 +44,31 @@ class EnsembleOutput:
     feature_attention: np.ndarray  # (N, T) float32
     mask: np.ndarray  # (N, H, W) uint8
     attention: np.ndarray  # (N, H, W) uint8
+    ood_score: np.ndarray | None = None  # (N, 1) float32, when the repository has the ``ood`` step
 
     def item(self, index: int) -> EnsembleOutput:
-        return EnsembleOutput(*(getattr(self, name)[index : index + 1] for name in OUTPUTS))
+        return EnsembleOutput(*(None if (v := getattr(self, name)) is None else v[index : index + 1]
+                                for name in ALL_OUTPUTS))
 
     @classmethod
     def concatenate(cls, parts: list[EnsembleOutput]) -> EnsembleOutput:
-        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in OUTPUTS))
+        return cls(*(None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
+                     for name in ALL_OUTPUTS))
 
 
 class OnnxEnsemble:
     """``infer(fields uint8 (N,H,W,3))`` through segmentation -> features -> head, like the ensemble."""
 
     def __init__(self, repository: Path, *, threads: int = 0) -> None:
-        self.sessions = {
-            name: onnx_session(Path(repository) / name / "1" / "model.onnx", threads=threads)
-            for name in ("segmentation", "features", "head")
-        }
+        stages = ["segmentation", "features", "head"]
+        if (Path(repository) / "ood" / "1" / "model.onnx").is_file():
+            stages.append("ood")
+        self.sessions = {name: onnx_session(Path(repository) / name / "1" / "model.onnx", threads=threads)
+                         for name in stages}
 
     def infer(self, images: np.ndarray) -> EnsembleOutput:
         mask, attention, segmented = self.sessions["segmentation"].run(list(SEGMENTATION_OUTPUTS), {"image": images})
         (features,) = self.sessions["features"].run(list(FEATURE_OUTPUTS), {"segmented_image": segmented})
         probabilities, feature_attention = self.sessions["head"].run(list(HEAD_OUTPUTS), {"features": features})
-        return EnsembleOutput(probabilities, feature_attention, mask, attention)
+        ood = self.sessions["ood"].run(list(OOD_OUTPUTS), {"features": features})[0] if "ood" in self.sessions else None
+        return EnsembleOutput(probabilities, feature_attention, mask, attention, ood)

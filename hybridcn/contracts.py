@@ -16,6 +16,24 @@ CLASS_DESCRIPTIONS = {"Benign": "Benign (hematogones)", "Early": "Early Pre-B AL
                       "Pro": "Pro-B ALL"}
 
 
+class OutOfDistribution(BaseModel):
+    """The out-of-distribution check fitted on the training fields (``hybridcn ood``; ``export.ood``).
+
+    Two scores, each divided by its threshold: the Mahalanobis distance of the backbone features (the
+    served ``ood`` graph) and of the field's acquisition statistics (``preprocessing.fieldstats``, scored
+    on the CPU with the mean and whitening below). A field is out of distribution when either is over 1.
+    """
+
+    feature_threshold: float
+    statistics_names: list[str]
+    statistics_mean: list[float]
+    statistics_whitening: list[list[float]]
+    statistics_threshold: float
+    scale_range: tuple[float, float] = Field(description="blob radius (px at the model's size) that training "
+                                             "fields span, 0.5th to 99.5th percentile")
+    report: dict[str, Any] = Field(default_factory=dict, description="held-out flag rate and probe results")
+
+
 class Manifest(BaseModel):
     """What ``hybridcn export`` records beside the ensemble: the model's identity, sizes and calibration.
 
@@ -37,6 +55,7 @@ class Manifest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     oof_metrics: dict[str, Any] | None = None
     class_descriptions: dict[str, str] = Field(default_factory=lambda: dict(CLASS_DESCRIPTIONS))
+    ood: OutOfDistribution | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -91,6 +110,10 @@ class FieldResult(BaseModel):
         description="confidence below this sends the field to review (null only in ledgers older than schema 2)")
     cell_count: int = Field(description="cells split by watershed on the predicted mask")
     cells: list[Cell] = Field(default_factory=list)
+    ood_score: float | None = Field(None, description="out-of-distribution score: over 1 means unlike the "
+                                    "training fields (reason `out_of_distribution`); null if the model has no check")
+    scale: float | None = Field(None, description="the field's blob radius in pixels at the model's size (red "
+                                "cells set it; the magnification check compares it with the training range)")
     qc: FieldQCResult = Field(default_factory=FieldQCResult)
     model_version: str
     timings_ms: dict[str, float] = Field(default_factory=dict)

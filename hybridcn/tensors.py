@@ -6,5 +6,8 @@ FEATURE_INPUTS = ("segmented_image",)
 FEATURE_OUTPUTS = ("features",)
 HEAD_INPUTS = ("features",)
 HEAD_OUTPUTS = ("probabilities", "feature_attention")
-#: What the ``hybridcn_nas`` ensemble returns per field.
+OOD_INPUTS = ("features",)
+#: The out-of-distribution step (present when the repository was fitted with ``hybridcn ood``).
+OOD_OUTPUTS = ("ood_score",)
+#: What the ``hybridcn_nas`` ensemble returns per field (plus ``ood_score`` when it has the ``ood`` step).
 ENSEMBLE_OUTPUTS = ("probabilities", "feature_attention", "mask", "attention")

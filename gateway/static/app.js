@@ -151,6 +151,10 @@
       return `Image quality: ${qc[m[1]] || m[1]}.`;
     }
     if (reason === "no cells segmented") return "No cells were found by the segmentation.";
+    m = /^out_of_distribution: score ([\d.]+)/.exec(reason);
+    if (m) return `Out of distribution (score ${(+m[1]).toFixed(2)}; over 1 means unlike the fields the model was trained on): the answer may not apply to this image.`;
+    m = /^scale_out_of_range: cell scale ([\d.]+) px, training fields ([\d.]+)-([\d.]+) px/.exec(reason);
+    if (m) return `Cell size out of range (${m[1]} px, training ${m[2]}-${m[3]} px): another magnification, or not a smear field.`;
     return reason;
   }
 

@@ -100,6 +100,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ood(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from export.build import rebuild_repository
+    from export.ood import fit_out_of_distribution, write_ood_graph
+    from export.repository import read_manifest
+
+    if args.ship and args.out:
+        raise CliError("--ship replaces the shipped model_repository/; do not also give --out")
+    source = Path(args.repository)
+    out = shipped_repository() if args.ship else Path(args.out or EXPORT_BUILD_DIR)
+    entry, density = fit_out_of_distribution(Path(args.data), source, probe_fields=args.probe_fields,
+                                             log=lambda line: print(line, file=sys.stderr, flush=True))
+    manifest = read_manifest(source).model_copy(update={"ood": entry})
+    with tempfile.TemporaryDirectory() as scratch:
+        graph = write_ood_graph(density, Path(scratch) / "ood.onnx")
+        rebuild_repository(source, out, manifest=manifest, extra_graphs={"ood": graph})
+    print(json.dumps(entry.report, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from engine.evaluate import evaluate_binary_folder, evaluate_folder
     from training.data import DataLayoutError
@@ -228,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="calibration.json from `hybridcn report`")
     p.add_argument("--skip-parity", action="store_true", help="skip the ONNX-against-PyTorch parity check")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("ood", help="fit the out-of-distribution check of a repository on its training fields")
+    p.add_argument("--data", required=True, help="the labelled folder the model was trained on")
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="the exported repository to add it to")
+    p.add_argument("--out", help=f"repository folder to write (default: {EXPORT_BUILD_DIR})")
+    p.add_argument("--ship", action="store_true", help="replace the shipped model_repository/ (deliberate)")
+    p.add_argument("--probe-fields", type=int, default=150, help="fields per probe kind in the report (default 150)")
+    p.set_defaults(func=_cmd_ood)
 
     p = sub.add_parser("evaluate", help="score the shipped model on a labelled folder")
     p.add_argument("--data", required=True, help="labelled folder in a public release layout (or Benign/ + "

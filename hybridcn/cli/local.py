@@ -65,15 +65,15 @@ def _connect(url: str, *, timeout_s: float = 10.0) -> TritonClient:
 
 def _csv_header(classes: tuple[str, ...]) -> list[str]:
     return ["file", "label", *(f"p_{c}" for c in classes), "confidence", "needs_review", "review_reasons",
-            "review_threshold", "cell_count", "qc_flags", "model_version", "error"]
+            "review_threshold", "cell_count", "ood_score", "qc_flags", "model_version", "error"]
 
 
 def _csv_row(name: str, result: FieldResult | None, classes: tuple[str, ...], error: str = "") -> list:
     if result is None:
-        return [name, "", *([""] * len(classes)), "", "", "", "", "", "", "", error]
+        return [name, "", *([""] * len(classes)), "", "", "", "", "", "", "", "", error]
     return [name, result.label, *(f"{result.probabilities[c]:.6f}" for c in classes), f"{result.confidence:.6f}",
             int(result.needs_review), "; ".join(result.review_reasons), result.review_threshold, result.cell_count,
-            ";".join(result.qc.flags), result.model_version, ""]
+            "" if result.ood_score is None else result.ood_score, ";".join(result.qc.flags), result.model_version, ""]
 
 
 def classify_files(paths: list[Path], *, repository: Path, triton: str | None = None, as_json: bool = False,

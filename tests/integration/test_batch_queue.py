@@ -84,6 +84,8 @@ def test_a_queue_of_slides_with_bad_files_among_good_ones(triton_server, queue, 
             assert float(row["confidence"]) == pytest.approx(max(probabilities), abs=1e-6)
             assert row["model_version"] == model.model_version and int(row["cell_count"]) >= 0
             assert row["needs_review"] in ("0", "1") and row["tile_x"] == "" and row["error"] == ""
+            # synthetic fields are not real smears: the CSV carries the out-of-distribution score and reason
+            assert float(row["ood_score"]) > 1 and "out_of_distribution" in row["review_reasons"]
     reasons = {Path(r["source"]).name: r["error"] for r in rows if r["status"] == FAILED}
     assert reasons["garbage.jpg"].startswith("not_an_image")
     assert reasons["empty.png"].startswith("empty")

@@ -43,7 +43,8 @@ def test_a_folder_is_classified_recursively_into_csv(folder, triton_server, tmp_
     for row in good:
         assert row["label"] in ("Benign", "Early", "Pre", "Pro") and not row["error"]
         assert abs(sum(float(row[f"p_{c}"]) for c in ("Benign", "Early", "Pre", "Pro")) - 1) < 1e-3
-        assert row["needs_review"] in ("0", "1") and float(row["review_threshold"]) > 0
+        assert row["needs_review"] == "1" and float(row["review_threshold"]) > 0
+        assert float(row["ood_score"]) > 1 and "out_of_distribution" in row["review_reasons"]
     assert "2 of 3 fields classified" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -53,6 +54,7 @@ def test_json_lines_are_field_results(folder, triton_server):
     lines = [FieldResult.model_validate_json(line) for line in result.stdout.splitlines()]
     assert [line.filename.rsplit("/", 1)[1] for line in lines] == ["a.png", "b.jpg"]
     assert all(line.review_threshold is not None and line.model_version for line in lines)
+    assert all(line.ood_score > 1 and line.needs_review for line in lines)  # synthetic: out of distribution
 
 
 @pytest.mark.parametrize("args, message", [

@@ -113,6 +113,9 @@ def test_page_classifies_a_field_and_switches_overlays(browsing, gateway, field_
     assert shown == pytest.approx({k: 100 * v for k, v in api["probabilities"].items()}, abs=0.051)
     expect(card.locator(".verdict-conf")).to_contain_text(f"{100 * api['confidence']:.1f}%")
     expect(card.locator(".badge-review")).to_have_count(1 if api["needs_review"] else 0)
+    # a synthetic field is not a real smear: the page says it is out of distribution, with the score
+    assert any(r.startswith("out_of_distribution") for r in api["review_reasons"]) and api["ood_score"] > 1
+    expect(card.locator(".review-reasons")).to_contain_text("Out of distribution (score")
     expect(card.locator(".cell-count strong")).to_have_text(str(api["cell_count"]))
     expect(card.locator(".cells img")).to_have_count(min(api["cell_count"], 12))
     expect(card.locator(".card-foot")).to_contain_text(api["model_version"])

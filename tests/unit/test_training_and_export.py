@@ -302,8 +302,11 @@ def test_shipped_repository_is_complete_and_parses():
 
     repository = Path(__file__).resolve().parents[2] / "model_repository"
     configs = {p.parent.name: parse_config(p.read_text()) for p in repository.glob("*/config.pbtxt")}
-    assert set(configs) == {"segmentation", "features", "head", "preprocess", "interpret", ENSEMBLE, RAW_ENSEMBLE}
+    assert set(configs) == {"segmentation", "features", "head", "ood", "preprocess", "interpret", ENSEMBLE,
+                            RAW_ENSEMBLE}
     manifest = read_manifest(repository)
+    report = manifest.ood.report  # the shipped out-of-distribution check and what it measured when fitted
+    assert report["held_out_in_distribution_flagged"] <= 0.03 and report["probes_flagged"] > 0.85
     assert manifest.profile["name"] == "compact" and manifest.training["n_train"] == 2519
     assert 0 < manifest.review_threshold < 1 and manifest.temperature > 0
     # the Python steps read the manifest itself, not a copy of it in their parameters

@@ -1,0 +1,1 @@
+from export.triton_models import OnnxRuntimeModel as TritonPythonModel  # noqa: F401
