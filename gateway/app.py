@@ -8,14 +8,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Match, Mount
 
 from engine.client import AsyncTritonClient
 from engine.model import ServedModel
 from engine.triton_server import EmbeddedTriton
 from gateway.dependencies import GatewayState
 from gateway.errors import install_error_handlers
+from gateway.guard import GuardLimits, RequestGuard
 from gateway.jobs_executor import JobExecutor
 from gateway.metrics import GatewayMetrics
 from gateway.routers import classify, health, jobs
@@ -67,9 +69,32 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    limits = GuardLimits(classify_bytes=settings.max_upload_bytes, jobs_bytes=settings.max_job_bytes,
+                         body_timeout_s=settings.body_timeout_s, max_inflight=settings.max_queue,
+                         allowed_origins=tuple(settings.allowed_origins))
+
+    def rejected(code: str) -> None:
+        state = getattr(app.state, "gateway", None)
+        if state is not None:
+            state.metrics.requests.labels(code).inc()
+
+    app.add_middleware(RequestGuard, limits=limits, on_reject=rejected)
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(jobs.router)
+
+    @app.options("/{path:path}", include_in_schema=False)
+    async def options(path: str) -> Response:
+        """The methods a path takes, in ``Allow`` (CORS preflights are not answered: no origin is allowed)."""
+        api = [route for route in app.router.routes
+               if not isinstance(route, Mount) and getattr(route, "name", None) != "options"]
+        methods = {method for method in ("GET", "POST", "PUT", "PATCH", "DELETE") for route in api
+                   if route.matches({"type": "http", "path": f"/{path}", "method": method})[0] == Match.FULL}
+        if methods & {"GET"}:
+            methods.add("HEAD")
+        return Response(status_code=204, headers={"Allow": ", ".join(sorted((methods or {"GET", "HEAD"})
+                                                                            | {"OPTIONS"}))})
+
     if (STATIC_DIR / "index.html").is_file():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="web")
     return app

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.client import TritonUnavailableError
 from preprocessing import InvalidImageError
@@ -19,6 +21,11 @@ IMAGE_ERROR_STATUS = {
     "too_small": 422,
     "bad_aspect_ratio": 422,
 }
+
+
+#: ``code`` of the errors the framework raises (routing, methods, malformed bodies).
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+              415: "unsupported_media_type"}
 
 
 class ApiError(Exception):
@@ -41,6 +48,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidImageError)
     async def invalid_image(request: Request, error: InvalidImageError) -> JSONResponse:
         return problem(request, IMAGE_ERROR_STATUS.get(error.code, 400), error.code, error.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        response = problem(request, error.status_code, HTTP_CODES.get(error.status_code, f"http_{error.status_code}"),
+                           str(error.detail))
+        response.headers.update(error.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in error.errors())
+        return problem(request, 422, "invalid_request", where or "the request does not match the API")
 
     @app.exception_handler(TritonUnavailableError)
     async def triton_down(request: Request, error: TritonUnavailableError) -> JSONResponse:

@@ -23,6 +23,13 @@ class GatewaySettings(BaseSettings):
     max_upload_bytes: int = Field(40 * 1024 * 1024, gt=0)
     max_pixels: int = Field(64_000_000, gt=0)
     inflight: int = Field(16, gt=0, description="concurrent Triton requests per gateway process")
+    max_queue: int = Field(32, gt=0, description="classification requests in progress at once; more get 503 "
+                           "`overloaded` with Retry-After (admission control)")
+    body_timeout_s: float = Field(30.0, gt=0, description="time a client has to send its whole request body")
+    max_job_bytes: int = Field(1024 * 1024 * 1024, gt=0, description="largest POST /v1/jobs body (all files)")
+    max_job_files: int = Field(1000, gt=0, description="most files in one POST /v1/jobs")
+    allowed_origins: list[str] = Field(default_factory=list, description="other sites' origins allowed to POST "
+                                       "(JSON list); none by default: cross-site posts are refused")
     preprocess_threads: int = Field(0, ge=0, description="0 = one per CPU core")
     triton_timeout_s: float = Field(30.0, gt=0)
     triton_ready_timeout_s: float = Field(120.0, gt=0)

@@ -17,15 +17,17 @@ router = APIRouter(prefix="/v1", tags=["classify"])
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, str | None]:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise ApiError(413, "too_large", f"upload of {declared} bytes is over the {limit}-byte limit")
+    """One field's bytes and file name; the body's size and read time are bounded by ``gateway.guard``."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_part_size=limit)
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
+        form = await request.form(max_files=16, max_part_size=limit)
+        uploads = [value for _, value in form.multi_items() if not isinstance(value, str)]
+        if not uploads:
             raise ApiError(400, "no_file", "multipart body has no 'file' part")
+        if len(uploads) > 1:
+            raise ApiError(422, "too_many_files", f"send one field image per request ({len(uploads)} files sent); "
+                           "use POST /v1/jobs for several")
+        upload = uploads[0]
         data = await upload.read()
         filename = upload.filename
     else:

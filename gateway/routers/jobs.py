@@ -145,7 +145,7 @@ def _run_job(job_dir: Path, options: BatchOptions) -> None:
 
 
 @router.post("", status_code=202, response_model=JobSummary,
-             responses={code: {"model": Problem} for code in (400, 413, 415)})
+             responses={code: {"model": Problem} for code in (400, 403, 408, 413, 415)})
 async def create_job(
     request: Request,
     response: Response,
@@ -159,6 +159,8 @@ async def create_job(
     if not _SLIDE_ID.match(slide):
         raise ApiError(400, "bad_slide_id", f"slide_id {slide_id!r} must be 1-100 letters, digits, spaces, '.', "
                        "'_' or '-', starting with a letter or digit")
+    if len(files) > state.settings.max_job_files:
+        raise ApiError(413, "too_many_files", f"{len(files)} files in one job; at most {state.settings.max_job_files}")
     accepted = FIELD_SUFFIXES + OPENSLIDE_SUFFIXES
     names: list[str] = []
     for index, upload in enumerate(files, start=1):
@@ -206,10 +208,13 @@ def get_job(job_id: str, state: State) -> JobDetail:
 def get_job_file(job_id: str, path: str, state: State) -> FileResponse:
     """A file of the job's folder: ``index.html``, ``slides/<slide>.html``, ``results.csv``, ``slides.json``."""
     base = _job_dir(state, job_id).resolve()
-    target = (base / path).resolve()
-    if (not target.is_relative_to(base) or not target.is_file()
-            or any(part.startswith(_HIDDEN) for part in target.relative_to(base).parts)):
-        raise ApiError(404, "no_such_file", f"job {job_id!r} has no file {path!r}")
+    try:
+        target = (base / path).resolve()
+        found = target.is_relative_to(base) and target.is_file()
+    except OSError:  # a name the file system refuses (too long, invalid): no such file either
+        found = False
+    if not found or any(part.startswith(_HIDDEN) for part in target.relative_to(base).parts):
+        raise ApiError(404, "no_such_file", f"job {job_id!r} has no file {path[:200]!r}")
     media_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
     headers = {"Content-Security-Policy": _REPORT_CSP} if media_type == "text/html" else {}
     return FileResponse(target, media_type=media_type, headers=headers)

@@ -1,0 +1,117 @@
+"""The gateway under hostile HTTP, over a real socket: bodies bounded while they stream, stalled bodies cut,
+overload answered with 503 at once, cross-site posts refused, every error with a code."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import httpx
+import pytest
+
+from engine.triton_server import free_port
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from hybridcn.synth import synth_field
+from tests.conftest import REPOSITORY, LiveGateway, encode
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def strict(triton_server, tmp_path_factory):
+    """A gateway with small limits: 200 kB uploads, a 1 s body deadline, 2 requests at once."""
+    settings = GatewaySettings(repository=REPOSITORY, triton_url=triton_server.grpc_url, max_upload_bytes=200_000,
+                               body_timeout_s=1.0, max_queue=2, batch_jobs_dir=tmp_path_factory.mktemp("jobs"),
+                               max_job_files=3)
+    live = LiveGateway(create_app(settings), free_port()).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def png() -> bytes:
+    return encode(synth_field(1, seed=60).image)
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(strict):
+    sent = {"bytes": 0}
+
+    def chunks():
+        for _ in range(400):  # 400 x 64 kB = 25 MB if nobody stopped it
+            sent["bytes"] += 65536
+            yield b"\0" * 65536
+
+    try:
+        response = httpx.post(f"{strict.url}/v1/classify", content=chunks(), timeout=30)
+    except httpx.HTTPError:  # the server may close the connection while the client still sends
+        assert sent["bytes"] < 25 * 1024 * 1024
+        return
+    assert response.status_code == 413 and response.json()["code"] == "too_large"
+
+
+def test_a_body_that_stalls_is_cut_at_the_deadline(strict):
+    host, port = strict.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n0123456789")
+        answer = b""
+        while b"body_timeout" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
+
+
+def test_overload_gets_503_with_retry_after_and_admitted_requests_succeed(strict, png):
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        response = httpx.post(f"{strict.url}/v1/classify", content=png, timeout=60)
+        with lock:
+            results.append(response)
+
+    threads = [threading.Thread(target=send) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    codes = sorted(r.status_code for r in results)
+    assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 1, codes
+    for response in results:
+        if response.status_code == 503:
+            assert response.json()["code"] == "overloaded" and response.headers["retry-after"] == "1"
+    assert httpx.post(f"{strict.url}/v1/classify", content=png, timeout=60).status_code == 200  # and it recovers
+
+
+def test_two_field_images_in_one_classify_request_are_refused(strict, png):
+    files = [("file", ("a.png", png, "image/png")), ("other", ("b.png", png, "image/png"))]
+    response = httpx.post(f"{strict.url}/v1/classify", files=files, timeout=30)
+    assert response.status_code == 422 and response.json()["code"] == "too_many_files"
+
+
+def test_a_cross_site_post_is_refused_and_the_same_site_one_is_not(strict, png):
+    foreign = httpx.post(f"{strict.url}/v1/jobs", files=[("files", ("a.png", png, "image/png"))],
+                         headers={"Origin": "https://evil.example"}, timeout=30)
+    assert foreign.status_code == 403 and foreign.json()["code"] == "cross_origin"
+    own = httpx.post(f"{strict.url}/v1/classify", content=png, headers={"Origin": strict.url}, timeout=60)
+    assert own.status_code == 200
+
+
+def test_too_many_job_files_are_refused(strict, png):
+    files = [("files", (f"f{i}.png", png, "image/png")) for i in range(4)]
+    response = httpx.post(f"{strict.url}/v1/jobs", files=files, timeout=30)
+    assert response.status_code == 413 and response.json()["code"] == "too_many_files"
+
+
+def test_every_error_has_a_code_and_methods_are_listed(strict):
+    invalid = httpx.post(f"{strict.url}/v1/classify?images=maybe", content=b"x", timeout=30)
+    assert invalid.status_code == 422 and invalid.json()["code"] == "invalid_request"
+    options = httpx.options(f"{strict.url}/v1/classify", timeout=30)
+    assert options.status_code == 204 and options.headers["allow"] == "OPTIONS, POST"
+    assert "access-control-allow-origin" not in options.headers  # CORS stays off
+    wrong = httpx.delete(f"{strict.url}/v1/jobs", timeout=30)
+    assert wrong.status_code in (404, 405) and wrong.json()["code"] in ("not_found", "method_not_allowed")
+    long = httpx.get(f"{strict.url}/v1/jobs/nojob/files/{'x' * 300}", timeout=30)
+    assert long.status_code == 404 and long.json()["code"]
+    missing = httpx.get(f"{strict.url}/v1/no-such-route", timeout=30)
+    assert missing.status_code == 404
