@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -34,6 +35,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         model = ServedModel.from_repository(settings.repository, review_threshold=settings.review_threshold)
+        # the gateway's own pixel limit (HYBRIDCN_MAX_PIXELS) is checked from the header before decoding
+        model = replace(model, preprocess=replace(model.preprocess, max_pixels=settings.max_pixels))
         server = None
         url = settings.triton_url
         if url is None:

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def strict(triton_server, tmp_path_factory):
-    """A gateway with small limits: 200 kB uploads, a 1 s body deadline, 2 requests at once."""
+    """A gateway with small limits: 200 kB uploads, 100k pixels, a 1 s body deadline, 2 requests at once."""
     settings = GatewaySettings(repository=REPOSITORY, triton_url=triton_server.grpc_url, max_upload_bytes=200_000,
                                body_timeout_s=1.0, max_queue=2, batch_jobs_dir=tmp_path_factory.mktemp("jobs"),
-                               max_job_files=3)
+                               max_job_files=3, max_pixels=100_000)
     live = LiveGateway(create_app(settings), free_port()).start()
     yield live
     live.stop()
@@ -115,3 +115,11 @@ def test_every_error_has_a_code_and_methods_are_listed(strict):
     assert long.status_code == 404 and long.json()["code"]
     missing = httpx.get(f"{strict.url}/v1/no-such-route", timeout=30)
     assert missing.status_code == 404
+
+
+def test_the_gateways_pixel_limit_is_its_own_setting(strict):
+    import cv2
+
+    big = encode(cv2.resize(synth_field(2, seed=61).image, (400, 400)))  # 160k pixels, small on disk
+    response = httpx.post(f"{strict.url}/v1/classify", content=big, timeout=30)
+    assert response.status_code == 413 and response.json()["code"] == "too_many_pixels"
