@@ -41,6 +41,9 @@ def add_batch_arguments(parser: argparse.ArgumentParser, *, default_repository: 
     parser.add_argument("--tile", choices=["auto", "always", "never"], default="auto",
                         help="auto: tile slide images given as INPUT and images too large for a field")
     parser.add_argument("--tile-size", type=int, default=0, help="tile side in slide pixels (default: model size)")
+    parser.add_argument("--max-slide-pixels", type=int, default=None, metavar="PIXELS",
+                        help="refuse slides over this many pixels (width x height) before reading them (default: "
+                             "$HYBRIDCN_MAX_SLIDE_PIXELS, else 4000000000)")
     parser.add_argument("--gallery", type=int, default=6, help="fields per gallery section of a slide report")
     parser.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
                         help="bars per slide on a terminal, log lines elsewhere (auto), or force one")
@@ -58,6 +61,7 @@ def run_batch_cli(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, inflight=args.inflight, workers=args.workers, ort_threads=args.ort_threads,
             retry_failed=args.retry_failed, attempts=args.attempts, tile=args.tile, tile_size=args.tile_size,
             gallery_size=args.gallery,
+            **({} if args.max_slide_pixels is None else {"max_slide_pixels": args.max_slide_pixels}),
         )
     except ValueError as error:
         return fail(str(error), 2)

@@ -14,14 +14,23 @@ Images inside folders and manifests are fields, like an upload to ``/v1/classify
 decoder's pixel budget, which are tiled. ``tile='always'`` tiles every image, ``'never'`` tiles none.
 
 Tiles are read region by region (TIFF chunks decoded on demand, so a BigTIFF never sits in memory);
-PNG and JPEG slides are decoded whole, once per worker process.
+PNG, JPEG and BMP slides, and TIFFs stored as one strip, cannot be read by region: they are decoded
+whole, once per worker process that reads their tiles.
+
+Memory and work are bounded at discovery, from the header alone, before any pixel is decoded:
+- a slide over ``max_slide_pixels`` (default 4 Gpx; ``HYBRIDCN_MAX_SLIDE_PIXELS``, ``--max-slide-pixels``)
+  is refused with :class:`InputError`. Memory does not grow with a slide read by region, but the work
+  and the tile list do: 4 Gpx is about 80,000 tiles of 224 px (27 MB of tile list, some 15 minutes at
+  the 94 fields/s of ``bench/bench_batch.py``), a 40x scan of a 16 x 16 mm smear area;
+- what cannot be read by region is refused above :data:`MAX_WHOLE_READ_BYTES` decoded (120 MB: an RGB8
+  image of the decoder's 40 Mpx field budget), as are TIFFs whose strips or tiles are larger than that.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -29,7 +38,7 @@ import numpy as np
 
 from batch.ledger import FIELD, TILE, FieldSpec
 from preprocessing import InvalidImageError
-from preprocessing.decode import to_uint8
+from preprocessing.decode import DEFAULT_MAX_PIXELS, default_max_decoded_bytes, to_uint8
 
 FIELD_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs")
@@ -37,10 +46,33 @@ OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", 
 TILE_MODES = ("auto", "always", "never")
 #: Images in folders larger than this on disk have their header read to decide whether to tile them.
 _PROBE_BYTES = 1 << 20
+#: The environment variable that sets the default slide pixel budget.
+MAX_SLIDE_PIXELS_ENV = "HYBRIDCN_MAX_SLIDE_PIXELS"
+#: Default slide pixel budget (width x height): see the module docstring.
+DEFAULT_MAX_SLIDE_PIXELS = 4_000_000_000
+#: Most bytes decoded at once from a slide that cannot be read by region (or one TIFF strip or tile):
+#: the decoder's budget for a field, an RGB8 image of 40 Mpx.
+MAX_WHOLE_READ_BYTES = default_max_decoded_bytes(DEFAULT_MAX_PIXELS)
+_CONVERT_HINT = ("convert it to a tiled TIFF, which is read tile by tile (e.g. vips tiffsave IN OUT.tif --tile "
+                 "--compression deflate --bigtiff)")
 
 
 class InputError(ValueError):
     """An INPUT cannot be used (missing, unreadable, empty, a bad manifest); raised before any work."""
+
+
+def default_max_slide_pixels() -> int:
+    """The slide pixel budget: ``HYBRIDCN_MAX_SLIDE_PIXELS`` if set (``_`` allowed: ``8_000_000_000``), else 4 Gpx."""
+    raw = os.environ.get(MAX_SLIDE_PIXELS_ENV, "").strip().replace("_", "")
+    if not raw:
+        return DEFAULT_MAX_SLIDE_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{MAX_SLIDE_PIXELS_ENV} must be a whole number of pixels, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{MAX_SLIDE_PIXELS_ENV} must be positive, got {value}")
+    return value
 
 
 def openslide_available() -> bool:
@@ -114,8 +146,14 @@ class TiffRegionReader:
         if page.is_tiled:
             self._chunk = (int(page.tilelength), int(page.tilewidth))
         else:
-            self._chunk = (int(page.rowsperstrip or self.height), self.width)
+            self._chunk = (min(int(page.rowsperstrip or self.height), self.height), self.width)
         self._full: np.ndarray | None = None
+        itemsize = page.dtype.itemsize if page.dtype is not None else max(1, -(-int(page.bitspersample) // 8))
+        sample_bytes = int(page.samplesperpixel) * itemsize
+        #: Bytes decoded at once: a strip or tile, or the whole page when it is one chunk (or planar).
+        self.decode_bytes = (self._chunk[0] * self._chunk[1] * sample_bytes if self._chunked
+                             else self.width * self.height * int(page.imagedepth or 1) * sample_bytes)
+        self.description = "a strip or tile at a time" if self._chunked else "as a whole (one strip, or planar)"
 
     def _decode(self, index: int) -> tuple[np.ndarray, int, int]:
         page = self._page
@@ -133,9 +171,10 @@ class TiffRegionReader:
         return segment[0], int(indices[2]), int(indices[3])
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        _check_whole_read(self, "TIFF")
         if not self._chunked:
             if self._full is None:
-                self._full = _rgb8(self._page.asarray())
+                self._full = _rgb8(self._page.asarray(maxworkers=1))
             return self._full[y : y + height, x : x + width]
         rows, cols = self._chunk
         per_row = -(-self.width // cols)
@@ -165,6 +204,8 @@ class OpenSlideRegionReader:
 
         self._slide = openslide.OpenSlide(str(path))
         self.width, self.height = (int(v) for v in self._slide.dimensions)
+        self.decode_bytes = 0  # regions of the requested size only
+        self.description = "region by region"
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         region = np.asarray(self._slide.read_region((x, y), 0, (width, height)))
@@ -175,14 +216,20 @@ class OpenSlideRegionReader:
 
 
 class ArrayRegionReader:
-    """A PNG/JPEG/BMP slide decoded once by OpenCV (up to its 2^30-pixel limit), then sliced."""
+    """A PNG/JPEG/BMP slide decoded once by OpenCV, then sliced; refused from its header alone if its RGB8
+    image would be over :data:`MAX_WHOLE_READ_BYTES` (these formats cannot be read by region)."""
 
     def __init__(self, path: str | Path) -> None:
+        self.width, self.height = image_size(path)
+        self.decode_bytes = 3 * self.width * self.height
+        self.description = "as a whole (PNG, JPEG and BMP cannot be read by region)"
+        _check_whole_read(self, Path(path).suffix.lstrip(".").upper() or "image")
         data = np.fromfile(str(path), np.uint8)
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        del data
         if bgr is None:
             raise InvalidImageError("not_an_image", f"{path} is not a readable PNG/JPEG/BMP image")
-        self._rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        self._rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: one copy of the slide
         self.height, self.width = self._rgb.shape[:2]
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -192,16 +239,34 @@ class ArrayRegionReader:
         self._rgb = np.empty((0, 0, 3), np.uint8)
 
 
+def _check_whole_read(reader, kind: str) -> None:
+    if reader.decode_bytes > MAX_WHOLE_READ_BYTES:
+        raise InvalidImageError(
+            "too_large_decoded",
+            f"this {kind} slide ({reader.width}x{reader.height}) is read {reader.description}: "
+            f"{reader.decode_bytes / 1e6:.0f} MB decoded at once, over the limit of "
+            f"{MAX_WHOLE_READ_BYTES / 1e6:.0f} MB; {_CONVERT_HINT}")
+
+
 def _rgb8(array: np.ndarray) -> np.ndarray:
+    """An image array as RGB8, alpha composited on white; converted in blocks of rows (no full-size float)."""
     array = to_uint8(np.asarray(array))
     if array.ndim == 2:
         array = array[..., None]
-    if array.shape[-1] == 1:
-        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
-    if array.shape[-1] == 4:  # composite alpha on white, as decode_image does
-        alpha = array[..., 3:4].astype(np.float32) / 255.0
-        return np.ascontiguousarray((array[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8))
-    return np.ascontiguousarray(array[..., :3])
+    channels = array.shape[-1]
+    if channels == 3:
+        return np.ascontiguousarray(array)
+    out = np.empty((*array.shape[:2], 3), np.uint8)
+    step = max(1, (1 << 20) // max(1, array.shape[1]))
+    for top in range(0, array.shape[0], step):
+        block = array[top : top + step]
+        if channels in (2, 4):  # composite alpha on white, as decode_image does
+            alpha = block[..., -1:].astype(np.float32) / 255.0
+            color = block[..., :3] if channels == 4 else block[..., :1]
+            out[top : top + step] = (color * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+        else:
+            out[top : top + step] = block[..., :3] if channels > 3 else block
+    return out
 
 
 def open_region_reader(path: str | Path):
@@ -267,21 +332,40 @@ def check_decodable(path: str | Path) -> None:
 class DiscoveryOptions:
     tile_size: int = 224
     tile: str = "auto"
-    max_field_pixels: int = 64_000_000
+    max_field_pixels: int = DEFAULT_MAX_PIXELS
+    max_slide_pixels: int = field(default_factory=default_max_slide_pixels)
 
     def __post_init__(self) -> None:
         if self.tile not in TILE_MODES:
             raise ValueError(f"tile mode must be one of {', '.join(TILE_MODES)}, got {self.tile!r}")
         if self.tile_size < 16:
             raise ValueError(f"tile size must be at least 16 px, got {self.tile_size}")
+        if self.max_slide_pixels <= 0:
+            raise ValueError(f"max_slide_pixels must be positive, got {self.max_slide_pixels}")
 
 
-def slide_tiles(path: Path, slide_id: str, tile_size: int) -> list[FieldSpec]:
-    """One pending field per tile of a slide image; raises :class:`InputError` if it cannot be read."""
+def slide_tiles(path: Path, slide_id: str, tile_size: int, *, max_slide_pixels: int | None = None) -> list[FieldSpec]:
+    """One pending field per tile of a slide image; raises :class:`InputError` if it cannot be read.
+
+    The slide's size comes from its header: one over ``max_slide_pixels`` (default
+    :func:`default_max_slide_pixels`), or one that cannot be read by region and is over
+    :data:`MAX_WHOLE_READ_BYTES` decoded, is refused before any pixel is decoded.
+    """
+    budget = default_max_slide_pixels() if max_slide_pixels is None else max_slide_pixels
     try:
         width, height = image_size(path)
-        check_decodable(path)
     except (InvalidImageError, OSError, ValueError, SyntaxError) as error:
+        raise InputError(f"{path}: cannot read this slide image: {error}") from error
+    if width * height > budget:
+        raise InputError(f"{path}: the slide is {width}x{height} = {width * height:,} pixels, over the slide budget of "
+                         f"{budget:,} (raise it with --max-slide-pixels or {MAX_SLIDE_PIXELS_ENV})")
+    try:
+        check_decodable(path)  # refuses, from the header, what would be decoded whole over the limit
+    except InvalidImageError as error:
+        if error.code == "too_large_decoded":
+            raise InputError(f"{path}: {error.message}") from error
+        raise InputError(f"{path}: cannot read this slide image: {error}") from error
+    except (OSError, ValueError, SyntaxError) as error:
         raise InputError(f"{path}: cannot read this slide image: {error}") from error
     return [FieldSpec(slide_id, str(path), TILE, x, y, w, h) for x, y, w, h in tile_grid(width, height, tile_size)]
 
@@ -304,7 +388,7 @@ def image_specs(path: Path, slide_id: str, options: DiscoveryOptions) -> list[Fi
     """A field image of a folder or manifest: one field, or its tiles (see the module docstring)."""
     tile = options.tile == "always" or (options.tile == "auto" and _too_big_for_a_field(path, options))
     if tile and path.is_file():
-        return slide_tiles(path, slide_id, options.tile_size)
+        return slide_tiles(path, slide_id, options.tile_size, max_slide_pixels=options.max_slide_pixels)
     return [FieldSpec(slide_id, str(path), FIELD)]
 
 
@@ -387,5 +471,5 @@ def discover(inputs: list[str | Path], options: DiscoveryOptions) -> list[FieldS
         elif options.tile == "never":
             specs.append(FieldSpec(path.stem, str(path), FIELD))
         else:
-            specs.extend(slide_tiles(path, path.stem, options.tile_size))
+            specs.extend(slide_tiles(path, path.stem, options.tile_size, max_slide_pixels=options.max_slide_pixels))
     return list(dict.fromkeys(specs))

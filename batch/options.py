@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batch.inputs import TILE_MODES
+from batch.inputs import TILE_MODES, default_max_slide_pixels
 from batch.summary import GALLERY_SIZE
 from hybridcn.config import default_repository
 
@@ -28,6 +28,8 @@ class BatchOptions:
     backoff_s: float = 0.5
     tile: str = "auto"
     tile_size: int = 0  # 0 = the model's field size
+    # Slides over this many pixels are refused at discovery (default: HYBRIDCN_MAX_SLIDE_PIXELS, else 4 Gpx).
+    max_slide_pixels: int = field(default_factory=default_max_slide_pixels)
     gallery_size: int = GALLERY_SIZE
     triton_ready_timeout_s: float = 30.0
     request_timeout_s: float = 120.0
@@ -43,6 +45,8 @@ class BatchOptions:
             raise ValueError(f"tile_size must be 0 (the model's size) or >= 16, got {self.tile_size}")
         if self.tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {', '.join(TILE_MODES)}, got {self.tile!r}")
+        if self.max_slide_pixels <= 0:
+            raise ValueError(f"max_slide_pixels must be positive, got {self.max_slide_pixels}")
 
 
 def default_workers() -> int:

@@ -104,7 +104,8 @@ def run_batch(inputs: Sequence[str | Path], options: BatchOptions, *, progress: 
             raise BatchError(f"cannot read the model repository {options.repository}: {error}") from error
     tile_size = options.tile_size or model.field_size
     specs = discover(list(inputs), DiscoveryOptions(tile_size=tile_size, tile=options.tile,
-                                                    max_field_pixels=model.preprocess.max_pixels))
+                                                    max_field_pixels=model.preprocess.max_pixels,
+                                                    max_slide_pixels=options.max_slide_pixels))
     out_dir = Path(options.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

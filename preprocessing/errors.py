@@ -7,7 +7,8 @@ class InvalidImageError(ValueError):
     """An upload that cannot be turned into a field image.
 
     ``code`` is a short machine-readable reason (``empty``, ``not_an_image``, ``truncated``,
-    ``too_many_pixels``, ``too_small``, ``unsupported_mode``) that clients and batch ledgers record.
+    ``too_many_pixels``, ``too_large_decoded``, ``too_small``, ``unsupported_mode``) that clients and batch
+    ledgers record.
     """
 
     def __init__(self, code: str, message: str) -> None:
