@@ -33,6 +33,9 @@ class BatchOptions:
     gallery_size: int = GALLERY_SIZE
     triton_ready_timeout_s: float = 30.0
     request_timeout_s: float = 120.0
+    #: After a failed request, how long to wait for the endpoint to be ready again before the next attempt
+    #: (a supervised Triton restarts within this), so a restart costs time, not failed fields.
+    restart_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "inflight", "attempts"):

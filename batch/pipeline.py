@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
-from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_exponential
+from tenacity import RetryCallState, RetryError, Retrying, stop_after_attempt, wait_exponential
 
 from batch.errors import BatchError, TritonNotReadyError
 from batch.ledger import DONE, FAILED, FieldOutcome, Ledger, PendingField
@@ -31,6 +31,7 @@ from engine.client import TritonClient
 from engine.field import interpret
 from engine.model import ServedModel
 from engine.overlays import gallery_images
+from engine.triton_server import wait_until
 
 #: Consecutive requests that fail every attempt before the run stops (Triton is gone, not one bad batch).
 DEAD_AFTER = 3
@@ -117,6 +118,11 @@ class _Pipeline:
                     if len(self.clients) > 1:  # let the others take the traffic for a while
                         with self._lock:
                             self._resting[client.url] = time.monotonic() + 4 * self.options.backoff_s
+                    elif self.options.restart_grace_s > 0:  # the only endpoint: give a restart its time
+                        try:
+                            wait_until(client.ready, timeout_s=self.options.restart_grace_s, interval_s=0.5)
+                        except RetryError:
+                            pass
                     raise
         raise AssertionError("unreachable: tenacity reraises the last error")
 

@@ -7,7 +7,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from export.repository import ENSEMBLE
+from export.repository import ENSEMBLE, RAW_ENSEMBLE
 from export.runtime import ALL_OUTPUTS, EnsembleOutput
 
 
@@ -45,6 +45,31 @@ class AsyncTritonClient:
     async def ready(self) -> bool:
         try:
             return bool(await self._client.is_server_ready() and await self._client.is_model_ready(self.model))
+        except Exception:
+            return False
+
+    async def reconnect(self) -> None:
+        """A fresh channel: after a server restart, the old one may sit in gRPC's reconnect backoff for seconds."""
+        old, self._client = self._client, self._module.InferenceServerClient(self.url)
+        await old.close()
+
+    async def models_ready(self, names: list[str]) -> dict[str, bool]:
+        """Readiness of each named model (``False`` for any that cannot be asked)."""
+        ready = {}
+        for name in names:
+            try:
+                ready[name] = bool(await self._client.is_model_ready(name, client_timeout=2))
+            except Exception:
+                ready[name] = False
+        return ready
+
+    async def probe(self, encoded: bytes, *, timeout_s: float = 10.0) -> bool:
+        """One field through the raw-bytes ensemble: every step (and every Python stub) answers, or not."""
+        tensor = self._module.InferInput("image_bytes", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[encoded]], dtype=object))
+        try:
+            await self._client.infer(RAW_ENSEMBLE, [tensor], client_timeout=timeout_s)
+            return True
         except Exception:
             return False
 

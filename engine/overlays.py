@@ -14,12 +14,17 @@ from hybridcn.contracts import Cell, FieldImages
 from preprocessing import split_cells
 
 
-def png_data_url(rgb: np.ndarray) -> str:
+def encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an RGB (or single-channel) uint8 image."""
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
     ok, encoded = cv2.imencode(".png", bgr)
     if not ok:
         raise ValueError("PNG encoding failed")
-    return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode()
+    return encoded.tobytes()
+
+
+def png_data_url(rgb: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(encode_png(rgb)).decode()
 
 
 def rgba_map(values: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:

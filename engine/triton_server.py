@@ -28,6 +28,8 @@ from pathlib import Path
 import pytriton
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from engine.reaper import kill_group, remove_segments, remove_stale_segments
+
 
 class TritonStartError(RuntimeError):
     """The server exited or did not become ready before the deadline; carries the log tail."""
@@ -101,6 +103,9 @@ class EmbeddedTriton:
     #: thread so the stages work side by side on the cores, the highest throughput for a full queue.
     ort_threads: int | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
+    reaper: subprocess.Popen | None = field(default=None, init=False)
+    shm_prefix: str = field(default="", init=False)
+    restarts: int = field(default=0, init=False)
 
     @property
     def grpc_url(self) -> str:
@@ -111,10 +116,23 @@ class EmbeddedTriton:
         return f"{self.host}:{self.http_port}"
 
     def start(self) -> EmbeddedTriton:
-        self.http_port = self.http_port or free_port(self.host)
-        self.grpc_port = self.grpc_port or free_port(self.host)
-        self.metrics_port = self.metrics_port or free_port(self.host)
+        """Start the server; ports left at 0 are picked free, and picked again if another process takes one
+        between the pick and the bind (three tries)."""
+        chosen = {name: getattr(self, name) for name in ("http_port", "grpc_port", "metrics_port")}
+        for attempt in range(3):
+            for name, fixed in chosen.items():
+                setattr(self, name, fixed or free_port(self.host))
+            try:
+                return self._start_once()
+            except TritonStartError as error:
+                if attempt == 2 or all(chosen.values()) or "already in use" not in str(error).lower():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> EmbeddedTriton:
+        remove_stale_segments()  # what servers killed before this watcher existed (or with it) left behind
         backends = prepare_backend_dir()
+        self.shm_prefix = f"hybridcn_{uuid.uuid4().hex[:12]}"
         if self.log_path is None:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"hybridcn-triton-{uuid.uuid4().hex[:8]}.log"
         command = [
@@ -125,13 +143,16 @@ class EmbeddedTriton:
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--disable-auto-complete-config",
-            f"--backend-config=python,shm-region-prefix-name=hybridcn_{uuid.uuid4().hex[:12]}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
         ]
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
                                         start_new_session=True)
         log.close()
+        # the server has its own process group; this watcher ends it if this process is killed outright
+        self.reaper = subprocess.Popen([sys.executable, "-m", "engine.reaper", str(os.getpid()),
+                                        str(self.process.pid), self.shm_prefix], stdin=subprocess.DEVNULL)
         try:
             self._wait_ready()
         except BaseException:
@@ -172,14 +193,28 @@ class EmbeddedTriton:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """SIGINT, then SIGKILL of the whole group after ``timeout``; stubs and shared memory go with it."""
+        if self.reaper is not None:
+            self.reaper.terminate()
+            self.reaper.wait()
+            self.reaper = None
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_group(self.process.pid)  # stubs left by a server that died or hung
+        self.process.wait()
+        remove_segments(self.shm_prefix)
+
+    def restart(self) -> EmbeddedTriton:
+        """Stop whatever is left of the server and start it again on the same ports."""
+        self.stop(timeout=5.0)
+        self.restarts += 1
+        return self._start_once()
 
     def __enter__(self) -> EmbeddedTriton:
         return self.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from starlette.routing import Match, Mount
 
 from engine.client import AsyncTritonClient
 from engine.model import ServedModel
+from engine.overlays import encode_png
 from engine.triton_server import EmbeddedTriton
 from gateway.dependencies import GatewayState
 from gateway.errors import install_error_handlers
@@ -23,6 +25,8 @@ from gateway.jobs_executor import JobExecutor
 from gateway.metrics import GatewayMetrics
 from gateway.routers import classify, health, jobs
 from gateway.settings import GatewaySettings, get_settings
+from gateway.supervisor import TritonSupervisor
+from hybridcn.synth import synth_field
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 logger = logging.getLogger("hybridcn.gateway")
@@ -50,15 +54,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         client = AsyncTritonClient(url, inflight=settings.inflight, timeout_s=settings.triton_timeout_s)
         threads = settings.preprocess_threads or (os.cpu_count() or 1)
         executor = JobExecutor()
+        supervisor = TritonSupervisor(client, server, TritonSupervisor.models_of(settings.repository),
+                                      encode_png(synth_field(0, seed=0, size=model.image_size).image),
+                                      interval_s=settings.supervise_interval_s)
+        await supervisor.check()
         app.state.gateway = GatewayState(settings, model, client, GatewayMetrics(), anyio.CapacityLimiter(threads),
-                                         executor)
+                                         executor, supervisor)
         app.state.triton_server = server
         app.state.endpoints = {"triton_grpc": url, **({"triton_http": server.http_url,
                                                        "triton_metrics": f"{server.host}:{server.metrics_port}"}
                                                       if server else {})}
+        watching = asyncio.create_task(supervisor.run())
         try:
             yield
         finally:
+            watching.cancel()
             executor.shutdown()
             await client.close()
             if server is not None:
@@ -74,7 +84,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
     limits = GuardLimits(classify_bytes=settings.max_upload_bytes, jobs_bytes=settings.max_job_bytes,
                          body_timeout_s=settings.body_timeout_s, max_inflight=settings.max_queue,
-                         allowed_origins=tuple(settings.allowed_origins))
+                         allowed_origins=tuple(settings.allowed_origins), api_keys=tuple(settings.api_keys),
+                         rate_per_minute=settings.rate_per_minute)
 
     def rejected(code: str) -> None:
         state = getattr(app.state, "gateway", None)

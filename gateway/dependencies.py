@@ -13,6 +13,7 @@ from engine.model import ServedModel
 from gateway.jobs_executor import JobExecutor
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
+from gateway.supervisor import TritonSupervisor
 
 
 @dataclass
@@ -23,6 +24,7 @@ class GatewayState:
     metrics: GatewayMetrics
     cpu_limiter: anyio.CapacityLimiter
     jobs: JobExecutor
+    supervisor: TritonSupervisor
 
 
 def get_state(request: Request) -> GatewayState:

@@ -18,6 +18,7 @@ IMAGE_ERROR_STATUS = {
     "unsupported_format": 415,
     "unsupported_mode": 415,
     "too_many_pixels": 413,
+    "too_large_decoded": 413,
     "too_small": 422,
     "bad_aspect_ratio": 422,
 }

@@ -7,12 +7,17 @@ included) and an overloaded gateway answers in microseconds instead of queueing 
 - admission: at most ``max_inflight`` classification requests at once; the next gets 503
   ``overloaded`` with ``Retry-After``, so admitted requests keep their latency;
 - cross-site posts: a POST whose ``Origin`` is neither this host nor a configured origin is refused
-  (403 ``cross_origin``), so a page elsewhere cannot make a browser submit jobs or fields.
+  (403 ``cross_origin``), so a page elsewhere cannot make a browser submit jobs or fields;
+- API keys: when keys are configured, every ``/v1/`` request needs one (``X-API-Key`` or ``Authorization:
+  Bearer``; 401 ``unauthorized``), compared in constant time, and each key has a token-bucket rate limit
+  (429 ``rate_limited`` with ``Retry-After``). Health, metrics and the page's static files stay open.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +42,8 @@ class GuardLimits:
     max_inflight: int
     retry_after_s: int = 1
     allowed_origins: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()
+    rate_per_minute: int = 600
 
     def body_limit(self, method: str, path: str) -> int | None:
         if method != "POST":
@@ -61,6 +68,26 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
+class _Buckets:
+    """A token bucket per API key: ``rate_per_minute`` requests, bursts up to the same number."""
+
+    def __init__(self, rate_per_minute: int) -> None:
+        self.rate = rate_per_minute / 60.0
+        self.capacity = float(rate_per_minute)
+        self._state: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        """0 when a request may go now, else the seconds until one may."""
+        now = time.monotonic()
+        tokens, last = self._state.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self._state[key] = (tokens - 1, now)
+            return 0.0
+        self._state[key] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+
 class RequestGuard:
     """The three guards as one ASGI middleware (see the module docstring)."""
 
@@ -69,12 +96,26 @@ class RequestGuard:
         self.limits = limits
         self.inflight = 0
         self._on_reject = on_reject or (lambda code: None)
+        self._buckets = _Buckets(limits.rate_per_minute)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
+        if self.limits.api_keys and path.startswith("/v1/") and method != "OPTIONS":
+            key = self._key(scope)
+            if key is None:
+                self._on_reject("unauthorized")
+                await _problem(send, 401, "unauthorized", "an API key is required (X-API-Key header or Authorization: "
+                               "Bearer)", {"WWW-Authenticate": "Bearer"})
+                return
+            wait = self._buckets.take(key)
+            if wait:
+                self._on_reject("rate_limited")
+                await _problem(send, 429, "rate_limited", f"this key's limit is {self.limits.rate_per_minute} requests "
+                               "a minute", {"Retry-After": str(math.ceil(wait))})
+                return
         if method == "POST" and not self._same_site(scope):
             self._on_reject("cross_origin")
             await _problem(send, 403, "cross_origin", "cross-site POST refused: send the request from the gateway's "
@@ -139,6 +180,17 @@ class RequestGuard:
         finally:
             if admitted:
                 self.inflight -= 1
+
+    def _key(self, scope) -> str | None:
+        """The configured key this request presents, or ``None``."""
+        given = _header(scope, b"x-api-key")
+        authorization = _header(scope, b"authorization") or ""
+        if given is None and authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        if not given:
+            return None
+        matches = [key for key in self.limits.api_keys if hmac.compare_digest(key.encode(), given.encode())]
+        return matches[0] if matches else None
 
     def _same_site(self, scope) -> bool:
         origin = _header(scope, b"origin")

@@ -23,6 +23,8 @@ class Health(BaseModel):
     model_version: str | None = None
     triton: str | None = None
     max_upload_bytes: int | None = Field(None, description="uploads larger than this are refused (413)")
+    triton_state: str | None = Field(None, description="ready, unavailable, restarting, or failed (no recovery)")
+    models: dict[str, bool] | None = Field(None, description="readiness of each model in the repository")
     endpoints: dict[str, str] | None = Field(None, description="where each endpoint listens (gateway, Triton gRPC, "
                                              "Triton HTTP, Triton metrics)")
 

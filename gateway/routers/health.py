@@ -12,21 +12,26 @@ from gateway.schemas import Health
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health)
-async def get_health(state: State) -> Health:
-    """Liveness: the gateway process answers."""
-    return Health(status="ok", model_version=state.model.model_version)
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+async def get_health(state: State):
+    """Liveness: the gateway answers, and its Triton is working or being recovered (503 once recovery failed)."""
+    alive = state.supervisor.alive
+    body = Health(status="ok" if alive else "failed", model_version=state.model.model_version,
+                  triton=state.supervisor.state)
+    return JSONResponse(body.model_dump(), status_code=200 if alive else 503)
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def get_readiness(state: State, request: Request):
-    """Readiness: Triton is up and the ``hybridcn_nas`` ensemble is loaded."""
-    ready = await state.client.ready()
+    """Readiness: every model answers (the supervisor's last probe), per model in ``models``."""
+    supervisor = state.supervisor
+    ready = supervisor.state == "ready" and await state.client.ready()
     state.metrics.triton_ready.set(1 if ready else 0)
     endpoints = {"gateway": f"{request.url.scheme}://{request.url.netloc}",
                  **getattr(request.app.state, "endpoints", {})}
     body = Health(status="ready" if ready else "not ready", model_version=state.model.model_version,
-                  triton=state.client.url, max_upload_bytes=state.settings.max_upload_bytes, endpoints=endpoints)
+                  triton=state.client.url, max_upload_bytes=state.settings.max_upload_bytes, endpoints=endpoints,
+                  triton_state=supervisor.state, models=supervisor.model_ready)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

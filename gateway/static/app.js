@@ -10,12 +10,31 @@
   const JOBS_IDLE_MS = 15000;
   const DEFAULT_OPACITY = 55;
 
+  /* API keys: a gateway with keys answers 401 to /v1/ calls without one; the page asks once per tab. */
+  const KEY_STORE = "hybridcn-api-key";
+  async function apiFetch(url, options = {}) {
+    const attempt = () => {
+      const key = sessionStorage.getItem(KEY_STORE);
+      const headers = { ...(options.headers || {}), ...(key ? { "X-API-Key": key } : {}) };
+      return fetch(url, { ...options, headers });
+    };
+    let response = await attempt();
+    if (response.status === 401) {
+      const key = window.prompt("This analysis server needs an API key. Enter the key you were given:");
+      if (key) {
+        sessionStorage.setItem(KEY_STORE, key.trim());
+        response = await attempt();
+      }
+    }
+    return response;
+  }
+
   /* Class names come from the served model's manifest (GET v1/model), never from this file. */
   const CLASS_NAMES = {};
 
   async function loadModel() {
     try {
-      const response = await fetch("v1/model", { cache: "no-store", headers: { Accept: "application/json" } });
+      const response = await apiFetch("v1/model", { cache: "no-store", headers: { Accept: "application/json" } });
       if (!response.ok) return false;
       const model = await response.json();
       for (const [label, name] of Object.entries(model.class_descriptions || {})) CLASS_NAMES[label] = { name };
@@ -223,7 +242,7 @@
     const started = performance.now();
     let response;
     try {
-      response = await fetch("v1/classify?images=true", { method: "POST", body: form, headers: { Accept: "application/json" } });
+      response = await apiFetch("v1/classify?images=true", { method: "POST", body: form, headers: { Accept: "application/json" } });
     } catch (error) {
       showError(card, file, { code: "network", detail: String(error.message || error), status: 0 });
       return;
@@ -522,7 +541,7 @@
     clearTimeout(jobs.timer);
     let response;
     try {
-      response = await fetch("v1/jobs", { cache: "no-store", headers: { Accept: "application/json" } });
+      response = await apiFetch("v1/jobs", { cache: "no-store", headers: { Accept: "application/json" } });
     } catch (error) {
       $("job-message").textContent = "Cannot reach the server to list jobs; retrying.";
       scheduleJobs(JOBS_IDLE_MS);
@@ -559,7 +578,7 @@
       const known = jobs.details.get(id);
       if (known && known.status === job.status && known.done === job.done && known.failed === job.failed) return;
       try {
-        const response = await fetch(`v1/jobs/${encodeURIComponent(id)}`, { cache: "no-store", headers: { Accept: "application/json" } });
+        const response = await apiFetch(`v1/jobs/${encodeURIComponent(id)}`, { cache: "no-store", headers: { Accept: "application/json" } });
         if (!response.ok) return;
         const detail = await response.json();
         jobs.details.set(id, { status: job.status, done: job.done, failed: job.failed, detail });
@@ -719,7 +738,7 @@
       button.disabled = true;
       message.textContent = `Uploading ${files.length} file${files.length > 1 ? "s" : ""}…`;
       try {
-        const response = await fetch("v1/jobs", { method: "POST", body: form, headers: { Accept: "application/json" } });
+        const response = await apiFetch("v1/jobs", { method: "POST", body: form, headers: { Accept: "application/json" } });
         if (response.status === 404 || response.status === 405) {
           jobsUnavailable();
           return;

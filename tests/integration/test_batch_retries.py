@@ -38,7 +38,7 @@ def _pipeline(ledger, urls, messages, **options) -> _Pipeline:
     todo = ledger.pending()
     clients = [TritonClient(url, timeout_s=20) for url in urls]
     return _Pipeline(ledger, model, clients, BatchOptions(out_dir=Path("unused"), batch_size=2, inflight=2,
-                                                          backoff_s=0.05, **options),
+                                                          backoff_s=0.05, **{"restart_grace_s": 0, **options}),
                      LogProgress(messages.append, every_s=3600), {p.field_id: p.spec.slide_id for p in todo})
 
 
@@ -62,3 +62,27 @@ def test_a_dead_server_fails_fields_after_the_last_attempt_then_stops_the_run(tm
     assert counts[FAILED] >= 6 and counts[PENDING] > 0 and counts[FAILED] + counts[PENDING] == 12
     failed = [r for r in ledger.rows() if r.status == FAILED]
     assert all(r.error.startswith("inference failed after 3 attempts") for r in failed)
+
+
+def test_a_batch_retries_through_a_triton_restart_instead_of_failing_fields(tmp_path):
+    import threading
+
+    from engine.triton_server import EmbeddedTriton, wait_until
+
+    ledger = _ledger(tmp_path, 24)
+    with EmbeddedTriton(REPOSITORY, ready_timeout=180) as server:
+        messages: list[str] = []
+        pipeline = _pipeline(ledger, [server.grpc_url], messages, restart_grace_s=60)
+
+        def restart_midway() -> None:  # what the gateway's supervisor does when Triton dies, on the same ports
+            wait_until(lambda: pipeline.processed >= 4, timeout_s=120, interval_s=0.05)
+            server.restart()
+
+        restarter = threading.Thread(target=restart_midway)
+        restarter.start()
+        pipeline.run(ledger.pending(), workers=1)  # the ledger's connection belongs to this thread
+        restarter.join(timeout=180)
+        assert server.restarts == 1
+    assert any("retry 1 of 2" in m for m in messages)  # requests did fail while it was down, and were retried
+    counts = ledger.counts()
+    assert (counts[DONE], counts[FAILED], counts[PENDING]) == (24, 0, 0)

@@ -3,7 +3,10 @@ overload answered with 503 at once, cross-site posts refused, every error with a
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -13,7 +16,7 @@ from engine.triton_server import free_port
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from hybridcn.synth import synth_field
-from tests.conftest import REPOSITORY, LiveGateway, encode
+from tests.conftest import REPOSITORY, ROOT, LiveGateway, encode
 
 pytestmark = pytest.mark.integration
 
@@ -123,3 +126,36 @@ def test_the_gateways_pixel_limit_is_its_own_setting(strict):
     big = encode(cv2.resize(synth_field(2, seed=61).image, (400, 400)))  # 160k pixels, small on disk
     response = httpx.post(f"{strict.url}/v1/classify", content=big, timeout=30)
     assert response.status_code == 413 and response.json()["code"] == "too_many_pixels"
+
+
+@pytest.fixture(scope="module")
+def keyed(triton_server, tmp_path_factory):
+    settings = GatewaySettings(repository=REPOSITORY, triton_url=triton_server.grpc_url, api_keys=["k-one", "k-two"],
+                               rate_per_minute=3, batch_jobs_dir=tmp_path_factory.mktemp("jobs"))
+    live = LiveGateway(create_app(settings), free_port()).start()  # readiness is open without a key
+    yield live
+    live.stop()
+
+
+def test_api_keys_guard_the_api_and_each_key_has_a_rate_limit(keyed, png):
+    missing = httpx.get(f"{keyed.url}/v1/model", timeout=30)
+    assert missing.status_code == 401 and missing.json()["code"] == "unauthorized"
+    assert httpx.get(f"{keyed.url}/v1/model", headers={"X-API-Key": "k-nope"}, timeout=30).status_code == 401
+    assert httpx.get(f"{keyed.url}/healthz", timeout=30).status_code == 200  # probes stay open
+    assert httpx.get(f"{keyed.url}/v1/model", headers={"X-API-Key": "k-one"}, timeout=30).status_code == 200
+    bearer = httpx.post(f"{keyed.url}/v1/classify", content=png, headers={"Authorization": "Bearer k-one"},
+                        timeout=60)
+    assert bearer.status_code == 200
+    statuses = [httpx.get(f"{keyed.url}/v1/model", headers={"X-API-Key": "k-one"}, timeout=30) for _ in range(2)]
+    limited = statuses[-1]
+    assert limited.status_code == 429 and limited.json()["code"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+    other = httpx.get(f"{keyed.url}/v1/model", headers={"X-API-Key": "k-two"}, timeout=30)
+    assert other.status_code == 200  # limits are per key
+
+
+def test_serving_beyond_loopback_without_keys_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYBRIDCN_API_KEYS"}
+    result = subprocess.run([sys.executable, "-m", "hybridcn.cli", "serve", "--host", "0.0.0.0", "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert result.returncode == 1 and "needs API keys" in result.stderr and "Traceback" not in result.stderr
