@@ -85,3 +85,17 @@ def gateway(triton_server, tmp_path_factory) -> LiveGateway:
     live = LiveGateway(create_app(settings), free_port()).start()
     yield live
     live.stop()
+
+
+def run_python(code: str, *args: str, timeout: float = 120, **env: str) -> dict:
+    """Run ``code`` in a fresh interpreter (its own peak memory) and parse the JSON of its last output line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -7,15 +7,13 @@ fit. Measured as the growth of ``ru_maxrss`` in a fresh interpreter.
 
 from __future__ import annotations
 
-import json
-import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_python
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +41,7 @@ _CHILD = r"""
 import json, resource, sys
 from concurrent.futures import ThreadPoolExecutor
 from preprocessing import InvalidImageError, decode_image
+from tests.conftest import run_python
 paths = sys.argv[1:]
 payloads = [open(p, "rb").read() for p in paths]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -61,11 +60,7 @@ print(json.dumps({"outcomes": outcomes, "growth_mb": growth}))
 
 
 def _run(paths: list[Path], **env: str) -> dict:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
-    done = subprocess.run([sys.executable, "-c", _CHILD, *map(str, paths)], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_python(_CHILD, *map(str, paths), timeout=300, **env)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -40,6 +37,7 @@ from preprocessing.decode import (
     probe_image,
     to_uint8,
 )
+from tests.conftest import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The issue's bound for one request within the limits.
@@ -120,11 +118,7 @@ print(json.dumps(result))
 
 def peak(mode: str, path: Path, **kwargs) -> dict:
     """Run one decode (or discovery) in a fresh interpreter; its result and peak RSS growth in MB."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", _CHILD, mode, str(path), json.dumps(kwargs)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_python(_CHILD, mode, str(path), json.dumps(kwargs))
 
 
 @pytest.fixture(scope="module")
