@@ -117,3 +117,38 @@ def _ready(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("command", ["batch", "classify"])
+def test_a_killed_batch_or_classify_leaves_no_process_or_shared_memory(command, tmp_path):
+    queue = tmp_path / "queue" / "S1"
+    queue.mkdir(parents=True)
+    for i in range(40):
+        (queue / f"f{i}.png").write_bytes(encode(synth_field(i % 4, seed=900 + i).image))
+    args = ["batch", str(queue.parent), "--out", str(tmp_path / "out"), "--progress", "none"] \
+        if command == "batch" else ["classify", str(queue)]
+    child = subprocess.Popen([sys.executable, "-m", "hybridcn.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        def server_up() -> list[int]:
+            return [pid for pid, (parent, _, name) in _processes().items()
+                    if parent == child.pid and name == "tritonserver" and _stubs(pid)]
+
+        wait_until(lambda: bool(server_up()) or child.poll() is not None, timeout_s=180, interval_s=0.25)
+        servers = server_up()
+        assert servers, "the command ended before its Triton was up"
+        command_line = Path(f"/proc/{servers[0]}/cmdline").read_bytes().split(b"\0")
+        prefix = next(a for a in command_line if b"shm-region-prefix-name=" in a).decode().split("=")[-1]
+        descendants = [pid for pid, (parent, _, _) in _processes().items() if parent == child.pid]
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+
+        def gone() -> bool:
+            alive = _processes()
+            return (not _group(servers[0]) and not list(Path("/dev/shm").glob(f"{prefix}*"))
+                    and not [pid for pid in descendants if pid in alive and alive[pid][2] != "zombie"])
+
+        wait_until(gone, timeout_s=10, interval_s=0.25)
+    finally:
+        if child.poll() is None:
+            child.kill()
