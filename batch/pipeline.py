@@ -10,6 +10,7 @@ queue goes on, unless Triton stopped answering altogether, which ends the run wi
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from collections import deque
@@ -167,7 +168,8 @@ class _Pipeline:
         ready: deque[_Request] = deque()
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["batch.worker"])
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(self.model,))
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
+                                   initargs=(self.model, os.getpid()))
         senders = ThreadPoolExecutor(inflight, thread_name_prefix="triton-request")
         try:
             while True:

@@ -6,6 +6,9 @@ and the last slide images it opened, so the tiles of one slide do not reopen the
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,11 +100,27 @@ _MODEL: ServedModel | None = None
 _READERS = ReaderCache()
 
 
-def init_worker(model: ServedModel) -> None:
-    """Pool initializer: keep the model; one OpenCV thread per process (the pool is the parallelism)."""
+def _exit_with(owner: int, interval_s: float = 0.5) -> None:
+    """End this worker once ``owner`` (the batch run) is gone: a run killed outright cannot shut its pool down,
+    and a worker left behind would keep the pool's semaphores and Python's resource tracker alive."""
+    while True:
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # alive, under another user: not ours to judge
+            pass
+        time.sleep(interval_s)
+
+
+def init_worker(model: ServedModel, owner: int | None = None) -> None:
+    """Pool initializer: keep the model; one OpenCV thread per process (the pool is the parallelism); follow
+    the run's process ``owner`` into death."""
     global _MODEL
     _MODEL = model
     cv2.setNumThreads(1)
+    if owner is not None:
+        threading.Thread(target=_exit_with, args=(owner,), daemon=True, name="owner-watch").start()
 
 
 def prepare_chunk(items: list[tuple[int, FieldSpec]]) -> list[Preparation]:

@@ -134,19 +134,32 @@ def test_a_killed_batch_or_classify_leaves_no_process_or_shared_memory(command, 
             return [pid for pid, (parent, _, name) in _processes().items()
                     if parent == child.pid and name == "tritonserver" and _stubs(pid)]
 
-        wait_until(lambda: bool(server_up()) or child.poll() is not None, timeout_s=180, interval_s=0.25)
+        def descendants() -> list[int]:
+            table, found = _processes(), [child.pid]
+            for pid in found:
+                found += [other for other, (parent, _, _) in table.items() if parent == pid]
+            return found[1:]
+
+        def working() -> bool:  # batch: its preprocessing pool is running too
+            names = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                             for pid in descendants() if Path(f"/proc/{pid}/cmdline").exists())
+            return bool(server_up()) and (command != "batch" or "batch.worker" in names)
+
+        semaphores = set(Path("/dev/shm").glob("sem.*"))
+        wait_until(lambda: working() or child.poll() is not None, timeout_s=180, interval_s=0.25)
         servers = server_up()
         assert servers, "the command ended before its Triton was up"
         command_line = Path(f"/proc/{servers[0]}/cmdline").read_bytes().split(b"\0")
         prefix = next(a for a in command_line if b"shm-region-prefix-name=" in a).decode().split("=")[-1]
-        descendants = [pid for pid, (parent, _, _) in _processes().items() if parent == child.pid]
+        descendants = descendants()
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
 
         def gone() -> bool:
             alive = _processes()
             return (not _group(servers[0]) and not list(Path("/dev/shm").glob(f"{prefix}*"))
-                    and not [pid for pid in descendants if pid in alive and alive[pid][2] != "zombie"])
+                    and not [pid for pid in descendants if pid in alive and alive[pid][2] != "zombie"]
+                    and not set(Path("/dev/shm").glob("sem.*")) - semaphores)
 
         wait_until(gone, timeout_s=10, interval_s=0.25)
     finally:
