@@ -9,13 +9,11 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from batch.ledger import DONE, FAILED, PENDING, TILE, FieldRow
-from batch.summary import GALLERY_SIZE, VERDICT_METHOD, gallery_selection, malignant_classes
+from batch.ledger import TILE, FieldRow
+from batch.summary import VERDICT_METHOD, SlideTally, malignant_classes
 from hybridcn.contracts import SlideSummary
 
 INDEX_HTML = "index.html"
-#: Rows of a slide's "All fields" table; the rest are in results.csv.
-MAX_TABLE_ROWS = 5000
 
 
 @lru_cache(maxsize=1)
@@ -32,26 +30,26 @@ def field_name(row: FieldRow) -> str:
     return f"{name} @ x={row.spec.x}, y={row.spec.y}" if row.spec.kind == TILE else name
 
 
-def slide_html(summary: SlideSummary, rows: Sequence[FieldRow], classes: Sequence[str], *, model_version: str,
-               images: dict[int, dict[str, str]], gallery_size: int = GALLERY_SIZE) -> str:
+def slide_html(summary: SlideSummary, tally: SlideTally, classes: Sequence[str], *, model_version: str,
+               images: dict[int, dict[str, str]]) -> str:
     """One slide's page: verdict, class scores, review and malignant galleries, failures, every field."""
-    flagged, worst = gallery_selection(rows, classes, gallery_size)
+    flagged, worst = tally.galleries()
     malignant = malignant_classes(classes)
 
     def cards(members: list[FieldRow]) -> list[dict]:
         return [{"row": r, "images": images.get(r.field_id, {}), "name": field_name(r),
                  "malignant": sum(r.probabilities.get(name, 0.0) for name in malignant)} for r in members]
 
-    listed = [r for r in rows if r.status in (DONE, PENDING)]
     return _environment().get_template("slide.html").render(
         s=summary, classes=classes, model_version=model_version, verdict_method=VERDICT_METHOD,
         index_html=INDEX_HTML,
         galleries=[("Flagged for review (least confident first)", cards(flagged), "no field is flagged"),
                    (f"Most malignant fields ({' + '.join(malignant)} probability)", cards(worst),
                     "no classified field")],
-        failed=[(field_name(r), r) for r in rows if r.status == FAILED],
-        listed=[(field_name(r), r) for r in listed[:MAX_TABLE_ROWS]],
-        more=max(0, len(listed) - MAX_TABLE_ROWS),
+        failed=[(field_name(r), r) for r in tally.failed],
+        more_failed=tally.more_failed,
+        listed=[(field_name(r), r) for r in tally.listed],
+        more=tally.more_listed,
     )
 
 

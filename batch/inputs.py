@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -392,9 +393,8 @@ def image_specs(path: Path, slide_id: str, options: DiscoveryOptions) -> list[Fi
     return [FieldSpec(slide_id, str(path), FIELD)]
 
 
-def folder_specs(root: Path, options: DiscoveryOptions) -> list[FieldSpec]:
-    """Every image below ``root``; each folder that holds images directly is one slide."""
-    specs: list[FieldSpec] = []
+def iter_folder_specs(root: Path, options: DiscoveryOptions) -> Iterator[FieldSpec]:
+    """Every image below ``root``, as found (a folder of any size is never listed whole in memory)."""
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         images = sorted(f for f in files if _is_image(f) and not f.startswith("."))
@@ -403,8 +403,12 @@ def folder_specs(root: Path, options: DiscoveryOptions) -> list[FieldSpec]:
         here = Path(directory)
         slide_id = root.name if here == root else here.relative_to(root).as_posix()
         for name in images:
-            specs.extend(image_specs(here / name, slide_id, options))
-    return specs
+            yield from image_specs(here / name, slide_id, options)
+
+
+def folder_specs(root: Path, options: DiscoveryOptions) -> list[FieldSpec]:
+    """Every image below ``root``; each folder that holds images directly is one slide."""
+    return list(iter_folder_specs(root, options))
 
 
 def manifest_specs(manifest: Path, options: DiscoveryOptions) -> list[FieldSpec]:
@@ -445,8 +449,8 @@ def manifest_specs(manifest: Path, options: DiscoveryOptions) -> list[FieldSpec]
     return specs
 
 
-def discover(inputs: list[str | Path], options: DiscoveryOptions) -> list[FieldSpec]:
-    """The fields of every INPUT, de-duplicated, or :class:`InputError` naming each unusable INPUT."""
+def check_inputs(inputs: Sequence[str | Path]) -> None:
+    """:class:`InputError` naming every INPUT that does not exist or cannot be read (cheap: no listing)."""
     if not inputs:
         raise InputError("no INPUT given")
     problems = []
@@ -458,18 +462,33 @@ def discover(inputs: list[str | Path], options: DiscoveryOptions) -> list[FieldS
             problems.append(f"{raw}: permission denied")
     if problems:
         raise InputError("cannot read the inputs: " + "; ".join(problems))
-    specs: list[FieldSpec] = []
+
+
+def iter_discover(inputs: Sequence[str | Path], options: DiscoveryOptions) -> Iterator[FieldSpec]:
+    """The fields of every INPUT as they are found (possibly repeated; the ledger keeps each once).
+
+    Every INPUT is checked to exist and be readable before the first field is yielded; a folder without
+    images or an unreadable slide raises :class:`InputError` when discovery reaches it, which a ledger
+    registering the fields in one transaction turns into "nothing registered".
+    """
+    check_inputs(inputs)
     for raw in inputs:
         path = Path(raw).expanduser().resolve()
         if path.is_dir():
-            found = folder_specs(path, options)
+            found = False
+            for spec in iter_folder_specs(path, options):
+                found = True
+                yield spec
             if not found:
                 raise InputError(f"{raw}: the folder holds no images ({', '.join(FIELD_SUFFIXES)})")
-            specs.extend(found)
         elif path.suffix.lower() == ".csv":
-            specs.extend(manifest_specs(path, options))
+            yield from manifest_specs(path, options)
         elif options.tile == "never":
-            specs.append(FieldSpec(path.stem, str(path), FIELD))
+            yield FieldSpec(path.stem, str(path), FIELD)
         else:
-            specs.extend(slide_tiles(path, path.stem, options.tile_size, max_slide_pixels=options.max_slide_pixels))
-    return list(dict.fromkeys(specs))
+            yield from slide_tiles(path, path.stem, options.tile_size, max_slide_pixels=options.max_slide_pixels)
+
+
+def discover(inputs: Sequence[str | Path], options: DiscoveryOptions) -> list[FieldSpec]:
+    """The fields of every INPUT, de-duplicated, or :class:`InputError` naming each unusable INPUT."""
+    return list(dict.fromkeys(iter_discover(inputs, options)))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch.inputs import TILE_MODES, default_max_slide_pixels
+from batch.ledger import DEFAULT_LEASE_S
 from batch.summary import GALLERY_SIZE
 from hybridcn.config import default_repository
 
@@ -36,9 +37,18 @@ class BatchOptions:
     #: After a failed request, how long to wait for the endpoint to be ready again before the next attempt
     #: (a supervised Triton restarts within this), so a restart costs time, not failed fields.
     restart_grace_s: float = 30.0
+    #: The queue: ``None`` is ``OUT/ledger.sqlite`` (one worker); a ``postgresql://`` URL is a queue shared by
+    #: every worker given it, on any machine.
+    ledger: str | None = None
+    #: A worker that stops renewing (killed, cut off) loses its claimed fields this long after its last heartbeat.
+    lease_s: float = DEFAULT_LEASE_S
+    #: Fields claimed per ledger transaction.
+    claim_block: int = 64
+    #: This worker's name in the ledger (default: host, pid and a random suffix).
+    worker_id: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "inflight", "attempts"):
+        for name in ("batch_size", "inflight", "attempts", "claim_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("workers", "ort_threads"):
@@ -48,6 +58,8 @@ class BatchOptions:
             raise ValueError(f"tile_size must be 0 (the model's size) or >= 16, got {self.tile_size}")
         if self.tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {', '.join(TILE_MODES)}, got {self.tile!r}")
+        if self.lease_s < 3:
+            raise ValueError(f"lease_s must be at least 3 s (heartbeats come every third of it), got {self.lease_s}")
         if self.max_slide_pixels <= 0:
             raise ValueError(f"max_slide_pixels must be positive, got {self.max_slide_pixels}")
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tenacity import RetryCallState, RetryError, Retrying, stop_after_attempt, wait_exponential
 
+from batch.claims import FieldSource, FixedFields
 from batch.errors import BatchError, TritonNotReadyError
 from batch.ledger import DONE, FAILED, FieldOutcome, Ledger, PendingField
 from batch.options import BatchOptions
@@ -53,9 +54,12 @@ class _Pipeline:
     clients: Sequence[TritonClient]
     options: BatchOptions
     progress: Progress
-    slide_of: dict[int, str]
     keeper: GalleryKeeper | None = None
+    #: This worker's name in the ledger's leases (``None``: a ledger nobody else writes).
+    worker: str | None = None
     processed: int = 0
+    slide_of: dict[int, str] = field(default_factory=dict)  # fields in flight -> their slide
+    source: FieldSource | None = None
     _dead: int = 0
     _resting: dict[str, float] = field(default_factory=dict)  # endpoint -> time it may be used again
     _turn: int = 0
@@ -65,10 +69,12 @@ class _Pipeline:
                 drop_gallery: Sequence[int] = ()) -> None:
         if not outcomes:
             return
-        self.ledger.record(outcomes, gallery=gallery, drop_gallery=drop_gallery)
-        self.processed += len(outcomes)
+        # a field whose lease ran out and was taken by another worker is not written again (0 changed)
+        self.processed += self.ledger.record(outcomes, worker=self.worker, gallery=gallery, drop_gallery=drop_gallery)
         for outcome in outcomes:
-            self.progress.advance(self.slide_of[outcome.field_id], outcome.status)
+            self.progress.advance(self.slide_of.pop(outcome.field_id), outcome.status)
+        if self.source is not None:
+            self.source.finished(outcome.field_id for outcome in outcomes)
 
     def _prepared(self, future: Future, chunk: list[PendingField], ready: deque) -> None:
         try:
@@ -159,13 +165,15 @@ class _Pipeline:
                                                             output.attention[index])
         self._record(outcomes, {i: v for i, v in gallery.items() if i not in dropped}, dropped)
 
-    def run(self, todo: list[PendingField], workers: int) -> None:
+    def run(self, source: FieldSource | Sequence[PendingField], workers: int, *, poll_s: float = 1.0) -> None:
+        """Process what ``source`` hands out (a list is processed as given) until it is finished."""
+        self.source = source if isinstance(source, FieldSource) else FixedFields(source)
         size, inflight = self.options.batch_size, self.options.inflight
-        chunks = deque(todo[i : i + size] for i in range(0, len(todo), size))
         max_prepare = 2 * workers + inflight
         preparing: dict[Future, list[PendingField]] = {}
         answering: dict[Future, _Request] = {}
         ready: deque[_Request] = deque()
+        exhausted = False
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["batch.worker"])
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
@@ -173,15 +181,27 @@ class _Pipeline:
         senders = ThreadPoolExecutor(inflight, thread_name_prefix="triton-request")
         try:
             while True:
-                while chunks and len(preparing) < max_prepare:
-                    chunk = chunks.popleft()
-                    preparing[pool.submit(prepare_chunk, [(p.field_id, p.spec) for p in chunk])] = chunk
+                waiting = False  # nothing to claim now, but others hold leases that may come back
+                while not exhausted and len(preparing) < max_prepare:
+                    chunk = self.source.next_chunk(size)
+                    if chunk is None:
+                        exhausted = True
+                    elif not chunk:
+                        waiting = True
+                        break
+                    else:
+                        self.slide_of.update((p.field_id, p.spec.slide_id) for p in chunk)
+                        preparing[pool.submit(prepare_chunk, [(p.field_id, p.spec) for p in chunk])] = chunk
                 while ready and len(answering) < inflight:
                     request = ready.popleft()
                     answering[senders.submit(self._infer, request)] = request
-                if not (chunks or preparing or answering or ready):
+                if exhausted and not (preparing or answering or ready):
                     break
-                finished, _ = wait([*preparing, *answering], timeout=1.0, return_when=FIRST_COMPLETED)
+                if not (preparing or answering):
+                    if waiting:
+                        time.sleep(poll_s)
+                    continue
+                finished, _ = wait([*preparing, *answering], timeout=poll_s, return_when=FIRST_COMPLETED)
                 for future in finished:
                     if future in preparing:
                         self._prepared(future, preparing.pop(future), ready)
@@ -191,5 +211,7 @@ class _Pipeline:
             pool.shutdown(wait=False, cancel_futures=True)
             senders.shutdown(wait=False, cancel_futures=True)  # requests in flight finish unread
             raise
+        finally:
+            self.source.close()
         pool.shutdown(wait=True)
         senders.shutdown(wait=True)

@@ -11,21 +11,16 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 from batch.html import INDEX_HTML, index_html, slide_html
 from batch.ledger import DONE, FAILED, PENDING, SKIPPED, TILE, FieldRow
-from batch.summary import (
-    GALLERY_SIZE,
-    VERDICT_METHOD,
-    gallery_selection,
-    group_by_slide,
-    malignant_classes,
-    summarize_slides,
-)
+from batch.summary import GALLERY_SIZE, VERDICT_METHOD, malignant_classes, tally_slides
 from hybridcn.contracts import SlideSummary
 
 RESULTS_CSV, SLIDES_CSV, SLIDES_JSON = "results.csv", "slides.csv", "slides.json"
@@ -57,7 +52,7 @@ def _result_record(row: FieldRow, classes: Sequence[str]) -> list:
             row.model_version or "", row.error or ""]
 
 
-def results_csv(rows: Sequence[FieldRow], classes: Sequence[str]) -> str:
+def results_csv(rows: Iterable[FieldRow], classes: Sequence[str]) -> str:
     """One row per field (background tiles left out): done, failed, or still pending."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -97,20 +92,28 @@ def slides_json(summaries: Sequence[SlideSummary], classes: Sequence[str], *, mo
     }, indent=2)
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename over ``path``; never leaves half a file."""
-    data = content.encode() if isinstance(content, str) else content
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """A file written under a temporary name beside ``path``, fsynced and renamed over ``path`` when the
+    block ends; on any error the temporary file goes and ``path`` is untouched (never half a file)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as handle:
-            handle.write(data)
+        with open(temporary, mode, **text) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write ``content`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path, "wb") as handle:
+        handle.write(content.encode() if isinstance(content, str) else content)
 
 
 @dataclass(frozen=True)
@@ -122,30 +125,42 @@ class ReportFiles:
     slide_reports: list[Path]
 
 
-def write_reports(rows: Sequence[FieldRow], out_dir: Path, *, classes: Sequence[str], model_version: str,
+def write_reports(rows: Iterable[FieldRow], out_dir: Path, *, classes: Sequence[str], model_version: str,
                   renderer: GalleryRenderer | None = None, gallery_size: int = GALLERY_SIZE) -> ReportFiles:
-    """(Re)write every output of a batch folder from the ledger's rows; raises :class:`ReportWriteError`."""
+    """(Re)write every output of a batch folder from the ledger's rows; raises :class:`ReportWriteError`.
+
+    ``rows`` come grouped by slide (:meth:`~batch.ledger.Ledger.iter_rows` streams them so) and are read
+    once: ``results.csv`` is written as they arrive and each slide's page when its last row has, so memory
+    holds one slide's tally (bounded, see :class:`~batch.summary.SlideTally`), not the queue.
+    """
     out_dir = Path(out_dir)
-    summaries = summarize_slides(rows, classes)
-    by_slide = group_by_slide(rows)
-    totals = {state: sum(1 for r in rows if r.status == state) for state in (DONE, FAILED, PENDING, SKIPPED)}
-    images: dict[int, dict[str, str]] = {}
-    if renderer is not None:
-        chosen: dict[int, FieldRow] = {}
-        for members in by_slide.values():
-            flagged, worst = gallery_selection(members, classes, gallery_size)
-            chosen.update((r.field_id, r) for r in (*flagged, *worst))
-        images = renderer(list(chosen.values())) if chosen else {}
     files = ReportFiles(out_dir / RESULTS_CSV, out_dir / SLIDES_CSV, out_dir / SLIDES_JSON, out_dir / INDEX_HTML, [])
+    totals = dict.fromkeys((DONE, FAILED, PENDING, SKIPPED), 0)
+    summaries: list[SlideSummary] = []
+
+    def counted(stream: Iterable[FieldRow], writer) -> Iterator[FieldRow]:
+        for row in stream:
+            totals[row.status] += 1
+            if row.status != SKIPPED:
+                writer.writerow(_result_record(row, classes))
+            yield row
+
     try:
-        write_atomic(files.results, results_csv(rows, classes))
+        with atomic_file(files.results) as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(result_columns(classes))
+            for tally in tally_slides(counted(rows, writer), classes, gallery_size):
+                summary = tally.summary()
+                flagged, worst = tally.galleries()
+                chosen = {r.field_id: r for r in (*flagged, *worst)}
+                images = renderer(list(chosen.values())) if renderer is not None and chosen else {}
+                path = out_dir / summary.report
+                write_atomic(path, slide_html(summary, tally, classes, model_version=model_version, images=images))
+                files.slide_reports.append(path)
+                summaries.append(summary)
+        summaries.sort(key=lambda s: s.slide_id)
         write_atomic(files.slides_csv, slides_csv(summaries, classes))
         write_atomic(files.slides_json, slides_json(summaries, classes, model_version=model_version, totals=totals))
-        for summary in summaries:
-            path = out_dir / summary.report
-            write_atomic(path, slide_html(summary, by_slide[summary.slide_id], classes, model_version=model_version,
-                                          images=images, gallery_size=gallery_size))
-            files.slide_reports.append(path)
         write_atomic(files.index, index_html(summaries, classes, model_version=model_version, totals=totals))
     except OSError as error:
         raise ReportWriteError(f"cannot write the reports in {out_dir}: {error}. The ledger is intact: "

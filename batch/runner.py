@@ -17,10 +17,11 @@ from pathlib import Path
 
 from tenacity import RetryError
 
+from batch.claims import LeasedFields
 from batch.errors import BatchError, OutputBusyError, TritonNotReadyError
 from batch.gallery import make_gallery_renderer
-from batch.inputs import DiscoveryOptions, discover
-from batch.ledger import LEDGER_FILE, Ledger, SQLiteLedger
+from batch.inputs import DiscoveryOptions, check_inputs, iter_discover
+from batch.ledger import DONE, LEDGER_FILE, PENDING, Ledger, SQLiteLedger, open_ledger, worker_name
 from batch.lock import output_lock, run_in_progress
 from batch.options import BatchOptions, default_workers
 from batch.pipeline import _Pipeline
@@ -87,41 +88,63 @@ def wait_ready(clients: Sequence[TritonClient], timeout_s: float, progress: Prog
     return [c for c in clients if c.url in ready]
 
 
-def run_batch(inputs: Sequence[str | Path], options: BatchOptions, *, progress: Progress | None = None,
-              model: ServedModel | None = None) -> BatchSummary:
-    """Process every field of ``inputs`` not yet done in ``options.out_dir`` and (re)write the reports.
+def open_queue(options: BatchOptions) -> Ledger:
+    """The run's ledger: ``--ledger URL`` (a shared queue), else ``OUT/ledger.sqlite``."""
+    return open_ledger(options.ledger) if options.ledger else SQLiteLedger(Path(options.out_dir) / LEDGER_FILE)
 
-    Raises :class:`~batch.inputs.InputError` (before any work), :class:`~batch.ledger.LedgerError`
-    (another model's results in the folder), :class:`BatchError` or
-    :class:`~batch.reports.ReportWriteError`; the ledger is consistent after any of them.
-    """
-    started = time.monotonic()
-    progress = progress or make_progress("none")
-    if model is None:
-        try:
-            model = ServedModel.from_repository(Path(options.repository))
-        except (OSError, KeyError, ValueError) as error:
-            raise BatchError(f"cannot read the model repository {options.repository}: {error}") from error
-    tile_size = options.tile_size or model.field_size
-    specs = discover(list(inputs), DiscoveryOptions(tile_size=tile_size, tile=options.tile,
-                                                    max_field_pixels=model.preprocess.max_pixels,
-                                                    max_slide_pixels=options.max_slide_pixels))
-    out_dir = Path(options.out_dir)
+
+def _load_model(options: BatchOptions, model: ServedModel | None) -> ServedModel:
+    if model is not None:
+        return model
+    try:
+        return ServedModel.from_repository(Path(options.repository))
+    except (OSError, KeyError, ValueError) as error:
+        raise BatchError(f"cannot read the model repository {options.repository}: {error}") from error
+
+
+def _make_out_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise BatchError(f"cannot create the output folder {out_dir}: {error}") from error
-    with output_lock(out_dir), SQLiteLedger(out_dir / LEDGER_FILE) as ledger:
+
+
+def run_batch(inputs: Sequence[str | Path], options: BatchOptions, *, progress: Progress | None = None,
+              model: ServedModel | None = None) -> BatchSummary:
+    """Process every field of ``inputs`` (and of the shared queue) not yet done, then (re)write the reports.
+
+    ``inputs`` are discovered and registered in the ledger in one transaction (streamed: the queue is
+    never held in memory); with a shared ``options.ledger`` they may be empty, to work on what others
+    registered. Raises :class:`~batch.inputs.InputError` (before any work), :class:`~batch.ledger.LedgerError`
+    (another model's results in the queue, a database that refuses), :class:`BatchError` or
+    :class:`~batch.reports.ReportWriteError`; the ledger is consistent after any of them.
+    """
+    started = time.monotonic()
+    progress = progress or make_progress("none")
+    model = _load_model(options, model)
+    tile_size = options.tile_size or model.field_size
+    discovery = DiscoveryOptions(tile_size=tile_size, tile=options.tile, max_field_pixels=model.preprocess.max_pixels,
+                                 max_slide_pixels=options.max_slide_pixels)
+    if inputs or not options.ledger:  # only a shared --ledger queue can be joined without inputs
+        check_inputs(list(inputs))
+    out_dir = Path(options.out_dir)
+    _make_out_dir(out_dir)
+    worker = options.worker_id or worker_name()
+    with output_lock(out_dir), open_queue(options) as ledger:
         ledger.bind_model(model.model_version)
-        new = ledger.register(specs)
+        if not options.ledger:
+            ledger.release()  # the folder's lock is ours: leases left in this file are a dead run's
+        new = ledger.register(iter_discover(list(inputs), discovery)) if inputs else 0
         if options.retry_failed:
             retried = ledger.reset_failed()
             if retried:
                 progress.message(f"batch: retrying {retried} failed fields")
-        ledger.set_meta(run_state="running", run_pid=str(os.getpid()), run_started=_now_iso(), run_error="",
-                        inputs=json.dumps([str(Path(p).expanduser().resolve()) for p in inputs]))
+        run_meta = {"run_state": "running", "run_pid": str(os.getpid()), "run_started": _now_iso(), "run_error": ""}
+        if inputs:
+            run_meta["inputs"] = json.dumps([str(Path(p).expanduser().resolve()) for p in inputs])
+        ledger.set_meta(**run_meta)
         try:
-            summary = _run(ledger, model, options, progress, out_dir, new)
+            summary = _run(ledger, model, options, progress, out_dir, new, worker)
         except BaseException as error:
             reason = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
             try:
@@ -134,20 +157,29 @@ def run_batch(inputs: Sequence[str | Path], options: BatchOptions, *, progress: 
     return summary
 
 
+def write_queue_reports(options: BatchOptions, *, model: ServedModel | None = None) -> BatchSummary:
+    """Write the reports of the whole queue into ``options.out_dir`` now, whatever its state (no Triton:
+    gallery images are those stored while the queue ran)."""
+    started = time.monotonic()
+    model = _load_model(options, model)
+    out_dir = Path(options.out_dir)
+    _make_out_dir(out_dir)
+    with output_lock(out_dir), open_queue(options) as ledger:
+        reports = _write_reports(ledger, model, options, out_dir, [])
+        counts = ledger.counts()
+    return BatchSummary(out_dir, model.model_version, counts, 0, 0, time.monotonic() - started, reports, 0.0)
+
+
 def _run(ledger: Ledger, model: ServedModel, options: BatchOptions, progress: Progress, out_dir: Path,
-         new: int) -> BatchSummary:
-    todo = ledger.pending()
-    slide_of = {p.field_id: p.spec.slide_id for p in todo}
-    per_slide: dict[str, int] = {}
-    for pending in todo:
-        per_slide[pending.spec.slide_id] = per_slide.get(pending.spec.slide_id, 0) + 1
+         new: int, worker: str) -> BatchSummary:
+    per_slide = {slide: counts[PENDING] for slide, counts in ledger.slide_counts().items() if counts[PENDING]}
     keeper = None
     if options.gallery_size:
         keeper = GalleryKeeper(model.classes, options.gallery_size)
-        keeper.seed(ledger.rows())
-    pipeline = _Pipeline(ledger, model, [], options, progress, slide_of, keeper)
+        keeper.seed(ledger.iter_rows(DONE))
+    pipeline = _Pipeline(ledger, model, [], options, progress, keeper, worker=worker)
     queue_s = 0.0
-    if not todo:  # everything is done: rewrite the reports from the ledger, no Triton needed
+    if not per_slide:  # everything is done: rewrite the reports from the ledger, no Triton needed
         progress.message("batch: no field left to process; writing the reports from the ledger")
         reports = _write_reports(ledger, model, options, out_dir, [])
         return BatchSummary(out_dir, model.model_version, ledger.counts(), new, 0, 0.0, reports, 0.0)
@@ -157,8 +189,10 @@ def _run(ledger: Ledger, model: ServedModel, options: BatchOptions, progress: Pr
             pipeline.clients = wait_ready(clients, options.triton_ready_timeout_s, progress)
             queue_started = time.monotonic()
             progress.start(per_slide)
+            source = LeasedFields(ledger, worker, block=max(options.claim_block, options.batch_size),
+                                  lease_s=options.lease_s)
             try:
-                pipeline.run(todo, options.workers or default_workers())
+                pipeline.run(source, options.workers or default_workers())
             finally:
                 progress.close()
             queue_s = time.monotonic() - queue_started
@@ -173,5 +207,5 @@ def _run(ledger: Ledger, model: ServedModel, options: BatchOptions, progress: Pr
 def _write_reports(ledger: Ledger, model: ServedModel, options: BatchOptions, out_dir: Path,
                    clients: Sequence[TritonClient]) -> ReportFiles:
     renderer = make_gallery_renderer(ledger, clients, model, options.batch_size) if options.gallery_size else None
-    return write_reports(ledger.rows(), out_dir, classes=model.classes, model_version=model.model_version,
+    return write_reports(ledger.iter_rows(), out_dir, classes=model.classes, model_version=model.model_version,
                          renderer=renderer, gallery_size=options.gallery_size)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,8 @@ VERDICT_METHOD = ("confidence-weighted mean of the field probabilities: score[c]
                   "sum(conf_f), conf_f = the field's top probability; leading class = argmax score, a conclusive "
                   "verdict only if it beats the runner-up by the margin, few fields need review and none failed")
 GALLERY_SIZE = 6
+#: Rows of a slide's "All fields" and "Failed" tables in its report; the rest are in results.csv.
+MAX_LISTED = 5000
 CONCLUSIVE, INCONCLUSIVE, FAILED_SLIDE, PENDING_SLIDE, EMPTY_SLIDE = (
     "conclusive", "inconclusive", "failed", "pending", "empty")
 
@@ -82,57 +85,135 @@ def slide_report_name(slide_id: str) -> str:
     return f"{REPORTS_DIR}/{safe}.html"
 
 
-def summarize_slide(slide_id: str, rows: Sequence[FieldRow], classes: Sequence[str],
+class SlideTally:
+    """One slide's summary, galleries and listed fields, gathered a row at a time in bounded memory.
+
+    What a report needs of a slide of any size: counts and score sums, the ``gallery_size`` best
+    candidates of each gallery, and the first :data:`MAX_LISTED` rows of its field and failure tables.
+    """
+
+    def __init__(self, slide_id: str, classes: Sequence[str], gallery_size: int = GALLERY_SIZE,
+                 rules: VerdictRules = DEFAULT_RULES) -> None:
+        self.slide_id, self.classes, self.gallery_size, self.rules = slide_id, tuple(classes), gallery_size, rules
+        self._malignant = set(malignant_classes(classes))
+        self.status = dict.fromkeys((DONE, FAILED, PENDING, SKIPPED), 0)
+        self.counts = dict.fromkeys(self.classes, 0)
+        self._weight = 0.0
+        self._weighted = np.zeros(len(self.classes), np.float64)
+        self.review = self.blasts = self.cells = 0
+        self._flagged: list[tuple[tuple[float, int], FieldRow]] = []
+        self._worst: list[tuple[tuple[float, int], FieldRow]] = []
+        self.listed: list[FieldRow] = []  # done and pending, the first MAX_LISTED
+        self.failed: list[FieldRow] = []  # the first MAX_LISTED
+        self.more_listed = self.more_failed = 0
+
+    def _keep(self, ranking: list, key: tuple[float, int], row: FieldRow) -> None:
+        if len(ranking) < self.gallery_size or key < ranking[-1][0]:
+            bisect.insort(ranking, (key, row), key=lambda item: item[0])
+            del ranking[self.gallery_size :]
+
+    def add(self, row: FieldRow) -> None:
+        self.status[row.status] += 1
+        if row.status in (DONE, PENDING):
+            if len(self.listed) < MAX_LISTED:
+                self.listed.append(row)
+            else:
+                self.more_listed += 1
+        if row.status == FAILED:
+            if len(self.failed) < MAX_LISTED:
+                self.failed.append(row)
+            else:
+                self.more_failed += 1
+        if row.status != DONE:
+            return
+        if row.label in self.counts:
+            self.counts[row.label] += 1
+        weight = row.confidence or 0.0
+        self._weight += weight
+        self._weighted += weight * np.array([row.probabilities.get(name, 0.0) for name in self.classes], np.float64)
+        cells = row.cell_count or 0
+        self.cells += cells
+        if row.needs_review:
+            self.review += 1
+        elif row.label in self._malignant:
+            self.blasts += cells
+        if self.gallery_size:
+            self._keep(self._worst, _malignant_key(row.field_id, row.probabilities, self.classes), row)
+            if row.needs_review:
+                self._keep(self._flagged, _flagged_key(row.field_id, row.confidence), row)
+
+    def galleries(self) -> tuple[list[FieldRow], list[FieldRow]]:
+        """``(flagged, most_malignant)``: see :func:`gallery_selection`."""
+        return [row for _, row in self._flagged], [row for _, row in self._worst]
+
+    def summary(self) -> SlideSummary:
+        """Counts, confidence-weighted verdict and its status, review share and blast estimate."""
+        done = self.status[DONE]
+        scores: dict[str, float] = {}
+        verdict = confidence = malignant_score = None
+        if done and self._weight > 0:
+            weighted = self._weighted / self._weight
+            scores = {name: round(float(v), 6) for name, v in zip(self.classes, weighted, strict=True)}
+            best = int(np.argmax(weighted))
+            verdict, confidence = self.classes[best], round(float(weighted[best]), 6)
+            malignant_score = round(float(sum(scores[name] for name in self._malignant)), 6)
+        if done:
+            reasons = verdict_reasons(scores, done=done, failed=self.status[FAILED], pending=self.status[PENDING],
+                                      review=self.review, rules=self.rules)
+            verdict_status = INCONCLUSIVE if reasons else CONCLUSIVE
+        elif self.status[FAILED]:
+            verdict_status, reasons = FAILED_SLIDE, [f"all {self.status[FAILED]} fields failed"]
+        elif self.status[PENDING]:
+            verdict_status, reasons = PENDING_SLIDE, [f"{self.status[PENDING]} fields not yet classified"]
+        else:
+            verdict_status, reasons = EMPTY_SLIDE, ["no field to classify (background only)"]
+        return SlideSummary(
+            slide_id=self.slide_id,
+            fields=done + self.status[FAILED] + self.status[PENDING],
+            done=done, failed=self.status[FAILED], pending=self.status[PENDING],
+            background_skipped=self.status[SKIPPED],
+            class_counts=dict(self.counts), verdict=verdict, verdict_status=verdict_status, verdict_reasons=reasons,
+            verdict_scores=scores, verdict_confidence=confidence,
+            malignant_score=malignant_score, review_fields=self.review,
+            review_share=round(self.review / done, 6) if done else None,
+            estimated_blast_cells=self.blasts, cells_total=self.cells,
+            report=slide_report_name(self.slide_id),
+        )
+
+
+def summarize_slide(slide_id: str, rows: Iterable[FieldRow], classes: Sequence[str],
                     rules: VerdictRules = DEFAULT_RULES) -> SlideSummary:
     """Counts, confidence-weighted verdict and its status, review share and blast estimate of one slide."""
-    status = {state: sum(1 for r in rows if r.status == state) for state in (DONE, FAILED, PENDING, SKIPPED)}
-    done = [r for r in rows if r.status == DONE]
-    malignant = set(malignant_classes(classes))
-    counts = {name: sum(1 for r in done if r.label == name) for name in classes}
-    weights = np.array([r.confidence or 0.0 for r in done], np.float64)
-    scores: dict[str, float] = {}
-    verdict = confidence = malignant_score = None
-    if done and weights.sum() > 0:
-        probabilities = np.array([[r.probabilities.get(name, 0.0) for name in classes] for r in done], np.float64)
-        weighted = weights @ probabilities / weights.sum()
-        scores = {name: round(float(v), 6) for name, v in zip(classes, weighted, strict=True)}
-        best = int(np.argmax(weighted))
-        verdict, confidence = classes[best], round(float(weighted[best]), 6)
-        malignant_score = round(float(sum(scores[name] for name in malignant)), 6)
-    review = sum(1 for r in done if r.needs_review)
-    if done:
-        reasons = verdict_reasons(scores, done=len(done), failed=status[FAILED], pending=status[PENDING],
-                                  review=review, rules=rules)
-        verdict_status = INCONCLUSIVE if reasons else CONCLUSIVE
-    elif status[FAILED]:
-        verdict_status, reasons = FAILED_SLIDE, [f"all {status[FAILED]} fields failed"]
-    elif status[PENDING]:
-        verdict_status, reasons = PENDING_SLIDE, [f"{status[PENDING]} fields not yet classified"]
-    else:
-        verdict_status, reasons = EMPTY_SLIDE, ["no field to classify (background only)"]
-    return SlideSummary(
-        slide_id=slide_id,
-        fields=status[DONE] + status[FAILED] + status[PENDING],
-        done=status[DONE], failed=status[FAILED], pending=status[PENDING], background_skipped=status[SKIPPED],
-        class_counts=counts, verdict=verdict, verdict_status=verdict_status, verdict_reasons=reasons,
-        verdict_scores=scores, verdict_confidence=confidence,
-        malignant_score=malignant_score, review_fields=review,
-        review_share=round(review / len(done), 6) if done else None,
-        estimated_blast_cells=sum(r.cell_count or 0 for r in done if r.label in malignant and not r.needs_review),
-        cells_total=sum(r.cell_count or 0 for r in done),
-        report=slide_report_name(slide_id),
-    )
-
-
-def group_by_slide(rows: Sequence[FieldRow]) -> dict[str, list[FieldRow]]:
-    slides: dict[str, list[FieldRow]] = {}
+    tally = SlideTally(slide_id, classes, 0, rules)
     for row in rows:
-        slides.setdefault(row.spec.slide_id, []).append(row)
-    return dict(sorted(slides.items()))
+        tally.add(row)
+    return tally.summary()
 
 
-def summarize_slides(rows: Sequence[FieldRow], classes: Sequence[str]) -> list[SlideSummary]:
-    return [summarize_slide(slide, members, classes) for slide, members in group_by_slide(rows).items()]
+def tally_slides(rows: Iterable[FieldRow], classes: Sequence[str], gallery_size: int = GALLERY_SIZE
+                 ) -> Iterator[SlideTally]:
+    """One finished :class:`SlideTally` per slide of ``rows``, which must come grouped by slide (as
+    :meth:`~batch.ledger.Ledger.iter_rows` streams them); a slide seen again after another raises ValueError."""
+    seen: set[str] = set()
+    for slide_id, members in itertools.groupby(rows, key=lambda row: row.spec.slide_id):
+        if slide_id in seen:
+            raise ValueError(f"rows are not grouped by slide: {slide_id!r} comes back after another slide")
+        seen.add(slide_id)
+        tally = SlideTally(slide_id, classes, gallery_size)
+        for row in members:
+            tally.add(row)
+        yield tally
+
+
+def summarize_slides(rows: Iterable[FieldRow], classes: Sequence[str]) -> list[SlideSummary]:
+    """Every slide's summary, by slide id; ``rows`` in any order, streamed (one tally per slide is kept)."""
+    tallies: dict[str, SlideTally] = {}
+    for row in rows:
+        slide_id = row.spec.slide_id
+        if slide_id not in tallies:
+            tallies[slide_id] = SlideTally(slide_id, classes, 0)
+        tallies[slide_id].add(row)
+    return [tallies[slide].summary() for slide in sorted(tallies)]
 
 
 def malignant_probability(row: FieldRow, classes: Sequence[str]) -> float:
@@ -147,14 +228,14 @@ def _malignant_key(field_id: int, probabilities: dict[str, float], classes: Sequ
     return (-float(sum(probabilities.get(name, 0.0) for name in malignant_classes(classes))), field_id)
 
 
-def gallery_selection(rows: Sequence[FieldRow], classes: Sequence[str], size: int = GALLERY_SIZE
+def gallery_selection(rows: Iterable[FieldRow], classes: Sequence[str], size: int = GALLERY_SIZE
                       ) -> tuple[list[FieldRow], list[FieldRow]]:
     """``(flagged, most_malignant)``: the least confident fields flagged for review, and the fields with
     the highest malignant probability (Early + Pre + Pro), ``size`` of each."""
-    done = [r for r in rows if r.status == DONE]
-    flagged = sorted((r for r in done if r.needs_review), key=lambda r: _flagged_key(r.field_id, r.confidence))
-    worst = sorted(done, key=lambda r: _malignant_key(r.field_id, r.probabilities, classes))
-    return flagged[:size], worst[:size]
+    tally = SlideTally("", classes, size)
+    for row in rows:
+        tally.add(row)
+    return tally.galleries()
 
 
 class GalleryKeeper:
@@ -192,7 +273,7 @@ class GalleryKeeper:
         members = {key[1] for key in (*flagged, *worst)}
         return entered, sorted({c for c in candidates if c is not None and c not in members})
 
-    def seed(self, rows: Sequence[FieldRow]) -> None:
+    def seed(self, rows: Iterable[FieldRow]) -> None:
         """Start from the fields an earlier run already did."""
         for row in rows:
             if row.status == DONE:

@@ -2,20 +2,22 @@
 # One-time (idempotent) set-up of a fresh machine: system packages for the tests, the project venv.
 #  - .venv with the pinned requirements (numpy<2 for Triton's Python stub; torch 2.14.1 from pip's cache)
 #  - the project itself installed into the venv (the Triton Python stub ignores PYTHONPATH)
-#  - Debian's chromium (browser tests) and docker-compose (offline compose validation), when root
+#  - Debian's chromium (browser tests), docker-compose (offline compose validation) and postgresql (the shared
+#    batch queue's tests start a throwaway server), when root
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need_apt[*]} (apt)"
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
   else
-    echo "setup: please install ${need_apt[*]} (Debian packages); browser/compose tests will be skipped" >&2
+    echo "setup: please install ${need_apt[*]} (Debian packages); browser/compose/PostgreSQL tests will be skipped" >&2
   fi
 fi
 

@@ -78,7 +78,7 @@ def _read_job(state, job_id: str, job_dir: Path, *, slides: bool) -> JobSummary 
     try:
         with SQLiteLedger(job_dir / LEDGER_FILE, readonly=True) as ledger:
             meta, counts = ledger.get_meta(), ledger.counts()
-            rows = ledger.rows() if slides else []
+            summaries = summarize_slides(ledger.iter_rows(), state.model.classes) if slides else []
     except (LedgerError, sqlite3.Error) as error:  # e.g. a ledger that a starting run is creating right now
         raise ApiError(503, "unreadable_job", f"batch job {job_id!r} cannot be read now: {error}") from error
     status, detail = _status(state.jobs, job_id, job_dir, meta, counts)
@@ -91,7 +91,7 @@ def _read_job(state, job_id: str, job_dir: Path, *, slides: bool) -> JobSummary 
     if not slides:
         return JobSummary(**summary)
     slides_now = [s.model_copy(update={"report": _file_url(job_id, s.report) if (job_dir / s.report).is_file()
-                                       else None}) for s in summarize_slides(rows, state.model.classes)]
+                                       else None}) for s in summaries]
     return JobDetail(**summary, slides=slides_now)
 
 

@@ -35,11 +35,10 @@ def _ledger(tmp_path: Path, n: int) -> SQLiteLedger:
 
 def _pipeline(ledger, urls, messages, **options) -> _Pipeline:
     model = ServedModel.from_repository(REPOSITORY)
-    todo = ledger.pending()
     clients = [TritonClient(url, timeout_s=20) for url in urls]
     return _Pipeline(ledger, model, clients, BatchOptions(out_dir=Path("unused"), batch_size=2, inflight=2,
                                                           backoff_s=0.05, **{"restart_grace_s": 0, **options}),
-                     LogProgress(messages.append, every_s=3600), {p.field_id: p.spec.slide_id for p in todo})
+                     LogProgress(messages.append, every_s=3600))
 
 
 def test_requests_that_fail_on_a_dead_endpoint_are_retried_on_the_next(triton_server, tmp_path):
