@@ -42,16 +42,16 @@ class BatchOptions:
     ledger: str | None = None
     #: A worker that stops renewing (killed, cut off) loses its claimed fields this long after its last heartbeat.
     lease_s: float = DEFAULT_LEASE_S
-    #: Fields claimed per ledger transaction.
-    claim_block: int = 64
+    #: Fields claimed per ledger transaction (0: enough to keep the pipeline fed, 2 x inflight x batch_size).
+    claim_block: int = 0
     #: This worker's name in the ledger (default: host, pid and a random suffix).
     worker_id: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "inflight", "attempts", "claim_block"):
+        for name in ("batch_size", "inflight", "attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "ort_threads"):
+        for name in ("workers", "ort_threads", "claim_block"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tile_size and self.tile_size < 16:

@@ -21,7 +21,7 @@ from batch.claims import LeasedFields
 from batch.errors import BatchError, OutputBusyError, TritonNotReadyError
 from batch.gallery import make_gallery_renderer
 from batch.inputs import DiscoveryOptions, check_inputs, iter_discover
-from batch.ledger import DONE, LEDGER_FILE, PENDING, Ledger, SQLiteLedger, open_ledger, worker_name
+from batch.ledger import DONE, LEDGER_FILE, PENDING, Ledger, open_ledger, worker_name
 from batch.lock import output_lock, run_in_progress
 from batch.options import BatchOptions, default_workers
 from batch.pipeline import _Pipeline
@@ -88,9 +88,10 @@ def wait_ready(clients: Sequence[TritonClient], timeout_s: float, progress: Prog
     return [c for c in clients if c.url in ready]
 
 
-def open_queue(options: BatchOptions) -> Ledger:
+def open_queue(options: BatchOptions, *, readonly: bool = False) -> Ledger:
     """The run's ledger: ``--ledger URL`` (a shared queue), else ``OUT/ledger.sqlite``."""
-    return open_ledger(options.ledger) if options.ledger else SQLiteLedger(Path(options.out_dir) / LEDGER_FILE)
+    target = options.ledger or Path(options.out_dir) / LEDGER_FILE
+    return open_ledger(target, readonly=readonly)
 
 
 def _load_model(options: BatchOptions, model: ServedModel | None) -> ServedModel:
@@ -164,7 +165,7 @@ def write_queue_reports(options: BatchOptions, *, model: ServedModel | None = No
     model = _load_model(options, model)
     out_dir = Path(options.out_dir)
     _make_out_dir(out_dir)
-    with output_lock(out_dir), open_queue(options) as ledger:
+    with output_lock(out_dir), open_queue(options, readonly=True) as ledger:
         reports = _write_reports(ledger, model, options, out_dir, [])
         counts = ledger.counts()
     return BatchSummary(out_dir, model.model_version, counts, 0, 0, time.monotonic() - started, reports, 0.0)
@@ -189,8 +190,8 @@ def _run(ledger: Ledger, model: ServedModel, options: BatchOptions, progress: Pr
             pipeline.clients = wait_ready(clients, options.triton_ready_timeout_s, progress)
             queue_started = time.monotonic()
             progress.start(per_slide)
-            source = LeasedFields(ledger, worker, block=max(options.claim_block, options.batch_size),
-                                  lease_s=options.lease_s)
+            block = options.claim_block or 2 * options.inflight * options.batch_size
+            source = LeasedFields(ledger, worker, block=max(block, options.batch_size), lease_s=options.lease_s)
             try:
                 pipeline.run(source, options.workers or default_workers())
             finally:

@@ -99,3 +99,22 @@ def run_python(code: str, *args: str, timeout: float = 120, **env: str) -> dict:
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server (Debian's package) on a free loopback port, stopped by its pid at the end."""
+    from tests.postgres_server import PostgresUnavailableError, ThrowawayPostgres
+
+    try:
+        server = ThrowawayPostgres()
+    except PostgresUnavailableError as error:
+        pytest.skip(str(error))
+    with server:
+        yield server
+
+
+@pytest.fixture
+def queue_url(postgres) -> str:
+    """A new empty database on the session's PostgreSQL: one shared batch queue."""
+    return postgres.create_database()

@@ -168,6 +168,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return run_batch_cli(args)
 
 
+def _cmd_batch_reports(args: argparse.Namespace) -> int:
+    from batch.cli import run_reports_cli
+
+    return run_reports_cli(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hybridcn.cli.local import demo
 
@@ -300,10 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="classify whole slide queues (resumable; results.csv, slides.csv/json, HTML)",
                        description="Classify every field of the INPUTs into DIR. Resumable: after a crash, rerun "
                        "the same command and it finishes the rest; each field appears once in DIR/results.csv.")
-    from batch.cli import add_batch_arguments
+    from batch.cli import add_batch_arguments, add_reports_arguments
 
     add_batch_arguments(p, default_repository=DEFAULT_REPOSITORY)
     p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser("batch-reports", help="write the reports of a batch queue now (a shared --ledger, or OUT's)",
+                       description="Write results.csv, slides.csv/json and the HTML reports of the whole queue into "
+                       "DIR from its ledger, whatever its state (pending fields are listed as pending).")
+    add_reports_arguments(p, default_repository=DEFAULT_REPOSITORY)
+    p.set_defaults(func=_cmd_batch_reports)
 
     p = sub.add_parser("demo", help="the main job on a fresh machine: serve the shipped model, classify a queue")
     p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="Triton model repository")
