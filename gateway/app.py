@@ -21,7 +21,7 @@ from engine.triton_server import EmbeddedTriton
 from gateway.dependencies import GatewayState
 from gateway.errors import install_error_handlers
 from gateway.guard import GuardLimits, RequestGuard
-from gateway.jobs_executor import JobExecutor
+from gateway.jobs_executor import JobQueue
 from gateway.metrics import GatewayMetrics
 from gateway.routers import classify, health, jobs
 from gateway.settings import GatewaySettings, get_settings
@@ -53,23 +53,25 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                         f"{server.host}:{server.metrics_port}")
         client = AsyncTritonClient(url, inflight=settings.inflight, timeout_s=settings.triton_timeout_s)
         threads = settings.preprocess_threads or (os.cpu_count() or 1)
-        executor = JobExecutor()
+        queue = JobQueue(settings.batch_jobs_dir, run=lambda job_dir: jobs.run_job(app.state.gateway, job_dir),
+                         give_up=jobs.give_up_job)
         supervisor = TritonSupervisor(client, server, TritonSupervisor.models_of(settings.repository),
                                       encode_png(synth_field(0, seed=0, size=model.image_size).image),
                                       interval_s=settings.supervise_interval_s)
         await supervisor.check()
         app.state.gateway = GatewayState(settings, model, client, GatewayMetrics(), anyio.CapacityLimiter(threads),
-                                         executor, supervisor)
+                                         queue, supervisor)
         app.state.triton_server = server
         app.state.endpoints = {"triton_grpc": url, **({"triton_http": server.http_url,
                                                        "triton_metrics": f"{server.host}:{server.metrics_port}"}
                                                       if server else {})}
         watching = asyncio.create_task(supervisor.run())
+        queue.start()  # after the state it runs jobs with
         try:
             yield
         finally:
             watching.cancel()
-            executor.shutdown()
+            queue.shutdown()
             await client.close()
             if server is not None:
                 await anyio.to_thread.run_sync(server.stop)

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 
 from engine.client import AsyncTritonClient
 from engine.model import ServedModel
-from gateway.jobs_executor import JobExecutor
+from gateway.jobs_executor import JobQueue
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.supervisor import TritonSupervisor
@@ -23,7 +23,7 @@ class GatewayState:
     client: AsyncTritonClient
     metrics: GatewayMetrics
     cpu_limiter: anyio.CapacityLimiter
-    jobs: JobExecutor
+    jobs: JobQueue
     supervisor: TritonSupervisor
 
 

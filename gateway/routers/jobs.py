@@ -2,9 +2,9 @@
 
 A job is a folder under ``settings.batch_jobs_dir`` with a batch ledger in it, so runs started from the
 command line into that folder (``hybridcn batch ... --out $HYBRIDCN_BATCH_JOBS_DIR/NAME``) are listed
-too: the ledger is the source of truth. Jobs submitted here run one at a time on the app's
-:class:`~gateway.jobs_executor.JobExecutor`, through the same runner as ``hybridcn batch``, against the
-gateway's Triton.
+too: the ledger is the source of truth. Jobs submitted here wait in the folder's
+:class:`~gateway.jobs_executor.JobQueue` (shared by every gateway process on the folder) and run one at
+a time, through the same runner as ``hybridcn batch``, against the gateway's Triton.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from batch.runner import BatchOptions, run_batch, run_in_progress
 from batch.summary import summarize_slides
 from gateway.dependencies import State
 from gateway.errors import ApiError
-from gateway.jobs_executor import JobExecutor
+from gateway.jobs_executor import JobQueue
 from gateway.schemas import JobDetail, JobList, JobSummary, Problem
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -59,11 +59,12 @@ def _file_url(job_id: str, relative: str) -> str:
     return f"/v1/jobs/{job_id}/files/{relative}"
 
 
-def _status(jobs: JobExecutor, job_id: str, job_dir: Path, meta: dict[str, str],
-            counts: dict[str, int]) -> tuple[str, str | None]:
+def _status(job_dir: Path, meta: dict[str, str], counts: dict[str, int]) -> tuple[str, str | None]:
     state = meta.get("run_state", "")
-    if run_in_progress(job_dir) or jobs.active(job_id):
-        return "running", "queued" if state == "queued" else None
+    if run_in_progress(job_dir):
+        return "running", None
+    if JobQueue.queued(job_dir):  # waiting its turn, or between a dead gateway's run and the next one's
+        return "running", "queued"
     if state == "done" and counts[FAILED] and not counts[DONE]:
         return "failed", f"every field failed ({counts[FAILED]}); the reasons are in results.csv"
     if state == "done":
@@ -81,7 +82,7 @@ def _read_job(state, job_id: str, job_dir: Path, *, slides: bool) -> JobSummary 
             summaries = summarize_slides(ledger.iter_rows(), state.model.classes) if slides else []
     except (LedgerError, sqlite3.Error) as error:  # e.g. a ledger that a starting run is creating right now
         raise ApiError(503, "unreadable_job", f"batch job {job_id!r} cannot be read now: {error}") from error
-    status, detail = _status(state.jobs, job_id, job_dir, meta, counts)
+    status, detail = _status(job_dir, meta, counts)
     summary = dict(
         id=job_id, created=meta.get("created"), status=status, detail=detail, model_version=meta.get("model_version"),
         total=counts[DONE] + counts[FAILED] + counts[PENDING], done=counts[DONE], failed=counts[FAILED],
@@ -113,7 +114,7 @@ def _save_upload(source: BinaryIO, target: Path, limit: int) -> None:
         raise ApiError(400, "empty", f"{target.name} is empty (0 bytes)")
 
 
-def _create_job(state, job_id: str, uploads: list[tuple[str, BinaryIO]], slide_id: str) -> Path:
+def _create_job(state, job_id: str, uploads: list[tuple[str, BinaryIO]], slide_id: str, tile: bool) -> Path:
     job_dir = _jobs_dir(state) / job_id
     inputs = job_dir / "inputs" / slide_id
     try:
@@ -122,26 +123,37 @@ def _create_job(state, job_id: str, uploads: list[tuple[str, BinaryIO]], slide_i
             _save_upload(source, inputs / name, state.settings.max_upload_bytes)
         with SQLiteLedger(job_dir / LEDGER_FILE) as ledger:
             ledger.bind_model(state.model.model_version)
-            ledger.set_meta(run_state="queued", origin="api", slide_id=slide_id)
+            ledger.set_meta(run_state="queued", origin="api", slide_id=slide_id, tile="always" if tile else "auto")
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
     return job_dir
 
 
-def _run_job(job_dir: Path, options: BatchOptions) -> None:
+def run_job(state, job_dir: Path) -> None:
+    """Run a queued job through ``hybridcn batch``'s runner on the gateway's Triton (the job queue's thread)."""
+    with SQLiteLedger(job_dir / LEDGER_FILE, readonly=True) as ledger:
+        tile = ledger.get_meta().get("tile", "auto")
+    options = BatchOptions(out_dir=job_dir, repository=Path(state.settings.repository),
+                           triton_urls=(state.client.url,), tile=tile,
+                           request_timeout_s=max(60.0, state.settings.triton_timeout_s))
     progress = LogProgress(lambda text: logger.info("job %s: %s", job_dir.name, text), every_s=10.0)
     try:
         summary = run_batch([job_dir / "inputs"], options, progress=progress)
         logger.info("job %s: finished: %s", job_dir.name, summary.counts)
     except Exception as error:
-        try:  # errors before the run took the folder (bad inputs) leave the ledger at "queued"
-            with SQLiteLedger(job_dir / LEDGER_FILE) as ledger:
-                if ledger.get_meta().get("run_state") != "failed":
-                    ledger.set_meta(run_state="failed", run_error=str(error))
-        except Exception:
-            logger.exception("job %s: cannot record its failure", job_dir.name)
+        give_up_job(job_dir, str(error))
         raise
+
+
+def give_up_job(job_dir: Path, reason: str) -> None:
+    """Record a job's failure in its ledger (errors before the run took the folder leave it 'queued')."""
+    try:
+        with SQLiteLedger(job_dir / LEDGER_FILE) as ledger:
+            if ledger.get_meta().get("run_state") != "failed":
+                ledger.set_meta(run_state="failed", run_error=reason)
+    except Exception:
+        logger.exception("job %s: cannot record its failure", job_dir.name)
 
 
 @router.post("", status_code=202, response_model=JobSummary,
@@ -172,11 +184,9 @@ async def create_job(
         names.append(name)
     job_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     job_dir = await anyio.to_thread.run_sync(
-        _create_job, state, job_id, [(name, upload.file) for name, upload in zip(names, files, strict=True)], slide)
-    options = BatchOptions(out_dir=job_dir, repository=Path(state.settings.repository),
-                           triton_urls=(state.client.url,), tile="always" if tile else "auto",
-                           request_timeout_s=max(60.0, state.settings.triton_timeout_s))
-    state.jobs.submit(job_id, lambda: _run_job(job_dir, options))
+        _create_job, state, job_id, [(name, upload.file) for name, upload in zip(names, files, strict=True)], slide,
+        tile)
+    state.jobs.enqueue(job_dir)
     logger.info("job %s: %d files of slide %r queued", job_id, len(names), slide)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return _read_job(state, job_id, job_dir, slides=False)
