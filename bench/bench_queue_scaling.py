@@ -5,8 +5,8 @@
 Starts a throwaway PostgreSQL (Debian's package, as the tests do) and ``--tritons`` embedded Tritons,
 makes one synthetic queue (16 PNGs hard-linked under distinct names), then for each worker count
 registers the queue in a fresh database (through the ledger API) and starts that many workers at once
-(``hybridcn batch --ledger URL --triton ...``, endpoints dealt round robin, default options otherwise). Reported per count:
-wall seconds from the start of the workers to the last one's exit, and the queue's processing rate
+(``hybridcn batch --ledger URL --triton ...``, endpoints dealt round robin, default options otherwise).
+Reported per count: wall seconds from the start of the workers to the last one's exit, and the queue's processing rate
 from its first recorded field to its last (start-up excluded), with the speedup over one worker. On a
 machine with few cores the workers share them with Triton, so expect little gain there: the numbers
 say how much.
