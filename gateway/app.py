@@ -24,6 +24,7 @@ from gateway.guard import GuardLimits, RequestGuard
 from gateway.jobs_executor import JobQueue
 from gateway.metrics import GatewayMetrics
 from gateway.routers import classify, health, jobs
+from gateway.schemas import GUARD_RESPONSES
 from gateway.settings import GatewaySettings, get_settings
 from gateway.supervisor import TritonSupervisor
 from hybridcn.synth import synth_field
@@ -96,8 +97,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app.add_middleware(RequestGuard, limits=limits, on_reject=rejected)
     app.include_router(health.router)
-    app.include_router(classify.router)
-    app.include_router(jobs.router)
+    app.include_router(classify.router, responses=GUARD_RESPONSES)
+    app.include_router(jobs.router, responses=GUARD_RESPONSES)
 
     @app.options("/{path:path}", include_in_schema=False)
     async def options(path: str) -> Response:

@@ -18,6 +18,11 @@ class Problem(BaseModel):
     detail: str
 
 
+#: What the request guard or validation can answer on any API route (keys, origin, body deadline and
+#: size, validation, rate limit, admission control), declared so clients and schema checks know them.
+GUARD_RESPONSES: dict[int | str, dict] = {code: {"model": Problem} for code in (401, 403, 408, 413, 422, 429, 503)}
+
+
 class Health(BaseModel):
     status: str
     model_version: str | None = None
