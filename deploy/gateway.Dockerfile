@@ -1,5 +1,8 @@
 # The gateway image: CPU preprocessing + FastAPI, talking gRPC to a Triton container. No torch needed.
-FROM python:3.11-slim
+# Batch workers use it too (`hybridcn batch` is installed). PYTHON_VERSION is the one place the image's
+# Python is named: tests/integration/test_deploy_pins.py resolves deploy/requirements-serve.txt for it.
+ARG PYTHON_VERSION=3.11
+FROM python:${PYTHON_VERSION}-slim
 WORKDIR /app
 RUN apt-get update && apt-get install -y --no-install-recommends libglib2.0-0 && rm -rf /var/lib/apt/lists/*
 COPY deploy/requirements-serve.txt /app/deploy/requirements-serve.txt
