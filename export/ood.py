@@ -109,11 +109,18 @@ def write_ood_graph(density: FeatureDensity, path: Path) -> Path:
     graph = helper.make_graph(
         nodes, "ood", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["batch", 1])], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="hybridcn-ood")
+    # IR 8 (what torch writes for the other graphs): the ONNX Runtime inside NVIDIA's Triton images (1.19 in
+    # 24.10) loads IR <= 10, and onnx's own default (the newest IR) would not load there
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="hybridcn-ood",
+                              ir_version=OOD_IR_VERSION)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+#: ONNX IR version of the written graph (see :func:`write_ood_graph`).
+OOD_IR_VERSION = 8
 
 
 def _probe_fields(raw: list[np.ndarray], kind: str, count: int) -> list[np.ndarray]:

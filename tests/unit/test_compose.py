@@ -123,8 +123,6 @@ def test_dockerfiles_install_for_the_python_they_name():
     assert installs and all(line.startswith("RUN python${PYTHON_VERSION} -m pip install") for line in installs)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped ood graph is ONNX IR 14 (export/ood.py's helper.make_model "
-                   "takes onnx's newest IR); its operators need only IR 8")
 def test_onnx_graphs_load_in_the_triton_image():
     onnx = pytest.importorskip("onnx")
     for path in sorted((ROOT / "model_repository").glob("*/1/model.onnx")):
