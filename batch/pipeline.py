@@ -169,6 +169,8 @@ class _Pipeline:
         """Process what ``source`` hands out (a list is processed as given) until it is finished."""
         self.source = source if isinstance(source, FieldSource) else FixedFields(source)
         size, inflight = self.options.batch_size, self.options.inflight
+        # chunks being prepared plus prepared ones waiting for a request slot: the only fields held in memory
+        # (a prepared field is ~0.5 MB), so when preparing outpaces Triton, preparing waits, never the memory
         max_prepare = 2 * workers + inflight
         preparing: dict[Future, list[PendingField]] = {}
         answering: dict[Future, _Request] = {}
@@ -182,7 +184,7 @@ class _Pipeline:
         try:
             while True:
                 waiting = False  # nothing to claim now, but others hold leases that may come back
-                while not exhausted and len(preparing) < max_prepare:
+                while not exhausted and len(preparing) + len(ready) < max_prepare:
                     chunk = self.source.next_chunk(size)
                     if chunk is None:
                         exhausted = True

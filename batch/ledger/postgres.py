@@ -221,10 +221,10 @@ class PostgresLedger(Ledger):
             found = self._db.execute(
                 "UPDATE fields AS f SET lease_owner = %(worker)s, "
                 "lease_until = now() + %(lease)s * interval '1 second', claims = f.claims + 1 "
-                "FROM (SELECT id FROM fields WHERE status = %(pending)s AND "
+                f"FROM (SELECT id FROM fields WHERE status = '{PENDING}' AND "  # a literal: the partial index
                 "(lease_until IS NULL OR lease_until < now()) ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
                 f"AS picked WHERE f.id = picked.id RETURNING {', '.join('f.' + c for c in _SPEC.split(', '))}",
-                {"worker": worker, "lease": lease_s, "pending": PENDING, "limit": limit}).fetchall()
+                {"worker": worker, "lease": lease_s, "limit": limit}).fetchall()
             self._db.execute("INSERT INTO workers (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET heartbeat = now()",
                              (worker,))
         return sorted((PendingField(row[0], FieldSpec(*row[1:])) for row in found), key=lambda p: p.field_id)
@@ -237,7 +237,7 @@ class PostgresLedger(Ledger):
                 with self._heartbeat.transaction():
                     held = self._heartbeat.execute(
                         "UPDATE fields SET lease_until = now() + %s * interval '1 second' WHERE lease_owner = %s "
-                        "AND status = %s", (lease_s, worker, PENDING)).rowcount
+                        f"AND status = '{PENDING}'", (lease_s, worker)).rowcount
                     self._heartbeat.execute("INSERT INTO workers (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET "
                                             "heartbeat = now()", (worker,))
                 return held

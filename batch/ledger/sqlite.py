@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS gallery (field_id INTEGER PRIMARY KEY REFERENCES fiel
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS fields_order ON fields (slide_id, source, tile_y, tile_x);
 CREATE INDEX IF NOT EXISTS fields_claimable ON fields (id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS fields_leased ON fields (lease_owner) WHERE status = 'pending';
 """
 
 _ORDER = "ORDER BY slide_id, source, tile_y, tile_x"
@@ -173,9 +174,10 @@ class SQLiteLedger(Ledger):
         now = time.time()
         with self._transaction():
             found = self._db.execute(
+                # the state as a literal, so the partial index of pending fields serves the scan
                 f"UPDATE fields SET lease_owner = ?, lease_until = ? WHERE id IN (SELECT id FROM fields "
-                "WHERE status = ? AND (lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT ?) "
-                f"RETURNING {_SPEC}", (worker, now + lease_s, PENDING, now, limit)).fetchall()
+                f"WHERE status = '{PENDING}' AND (lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT ?) "
+                f"RETURNING {_SPEC}", (worker, now + lease_s, now, limit)).fetchall()
         return sorted((PendingField(row[0], FieldSpec(*row[1:])) for row in found), key=lambda p: p.field_id)
 
     def renew(self, worker: str, lease_s: float = DEFAULT_LEASE_S) -> int:
@@ -184,8 +186,8 @@ class SQLiteLedger(Ledger):
                 self._heartbeat = self._connect(any_thread=True)
             with self._transaction(self._heartbeat):
                 return self._heartbeat.execute(
-                    "UPDATE fields SET lease_until = ? WHERE lease_owner = ? AND status = ?",
-                    (time.time() + lease_s, worker, PENDING)).rowcount
+                    f"UPDATE fields SET lease_until = ? WHERE lease_owner = ? AND status = '{PENDING}'",
+                    (time.time() + lease_s, worker)).rowcount
 
     def release(self, worker: str | None = None) -> int:
         with self._transaction():
