@@ -18,5 +18,7 @@ COPY training /app/training
 COPY batch /app/batch
 RUN pip install --no-cache-dir --no-deps .
 ENV HYBRIDCN_REPOSITORY=/models
+# a container is reached from beyond its own loopback: the app refuses to start without HYBRIDCN_API_KEYS
+ENV HYBRIDCN_REQUIRE_API_KEYS=true
 EXPOSE 8000
 CMD ["uvicorn", "gateway.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]

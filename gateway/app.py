@@ -36,6 +36,9 @@ logger = logging.getLogger("hybridcn.gateway")
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """Build the app; on startup it connects to ``settings.triton_url`` or starts the embedded Triton."""
     settings = settings or get_settings()
+    if settings.require_api_keys and not settings.api_keys:
+        raise ValueError("HYBRIDCN_REQUIRE_API_KEYS is set but HYBRIDCN_API_KEYS is empty: set it to a JSON list of "
+                         "keys (in Kubernetes from the gateway Secret, in compose from the environment)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -30,6 +30,8 @@ class GatewaySettings(BaseSettings):
     max_job_files: int = Field(1000, gt=0, description="most files in one POST /v1/jobs")
     api_keys: list[str] = Field(default_factory=list, description="accepted API keys (JSON list); none: open, "
                                 "which `hybridcn serve` allows only on loopback")
+    require_api_keys: bool = Field(False, description="refuse to start without API keys (the gateway image sets it: "
+                                   "a container is reached from beyond its loopback)")
     rate_per_minute: int = Field(600, gt=0, description="requests a minute per API key")
     allowed_origins: list[str] = Field(default_factory=list, description="other sites' origins allowed to POST "
                                        "(JSON list); none by default: cross-site posts are refused")

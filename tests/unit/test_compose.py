@@ -3,6 +3,7 @@ has a health check; the Dockerfiles copy what exists and name their image's Pyth
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -27,10 +28,32 @@ TRITON_IMAGE_MAX_IR = 10
 def resolved() -> dict:
     if shutil.which("docker-compose") is None:
         pytest.skip("Debian's docker-compose is not installed (scripts/setup.sh installs it)")
-    result = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = _config({"HYBRIDCN_API_KEYS": '["test-key"]'})
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
+
+
+def _config(extra_env: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYBRIDCN_API_KEYS"} | extra_env
+    return subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+
+
+def test_compose_refuses_to_start_the_gateway_without_api_keys(resolved):
+    refused = _config({})
+    assert refused.returncode != 0 and "HYBRIDCN_API_KEYS" in refused.stderr
+    assert resolved["services"]["gateway"]["environment"]["HYBRIDCN_API_KEYS"] == '["test-key"]'
+
+
+def test_the_gateway_image_requires_keys_and_the_app_enforces_it():
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    dockerfile = (ROOT / "deploy" / "gateway.Dockerfile").read_text()
+    assert "HYBRIDCN_REQUIRE_API_KEYS=true" in dockerfile
+    with pytest.raises(ValueError, match="HYBRIDCN_API_KEYS is empty"):
+        create_app(GatewaySettings(require_api_keys=True))
+    assert create_app(GatewaySettings(require_api_keys=True, api_keys=["k"])) is not None
 
 
 def test_triton_serves_the_gpu_target_repository_on_a_gpu(resolved):
