@@ -167,3 +167,27 @@ def test_a_killed_batch_or_classify_leaves_no_process_or_shared_memory(command, 
     finally:
         if child.poll() is None:
             child.kill()
+
+
+def test_with_an_external_triton_readiness_follows_it_and_recovers_when_it_returns(tmp_path):
+    """``HYBRIDCN_TRITON_URL``: the gateway does not own the server; it reports it gone (503 on /readyz and
+    on requests, /healthz still 200: restarting the gateway would not help) and serves again once it is back."""
+    from engine.triton_server import EmbeddedTriton
+
+    with EmbeddedTriton(REPOSITORY, ready_timeout=180) as external:
+        settings = GatewaySettings(repository=REPOSITORY, triton_url=external.grpc_url, supervise_interval_s=0.5,
+                                   batch_jobs_dir=tmp_path / "jobs")
+        live = LiveGateway(create_app(settings), free_port()).start(timeout=120)
+        try:
+            assert _classify(live.url) == 200
+            external.stop(timeout=5.0)  # the other team's server goes away
+            wait_until(lambda: httpx.get(f"{live.url}/readyz", timeout=5).status_code == 503, timeout_s=30,
+                       interval_s=0.25)
+            assert _classify(live.url) == 503
+            assert httpx.get(f"{live.url}/healthz", timeout=5).status_code == 200
+            external.restart()  # and comes back on the same ports
+            wait_until(lambda: httpx.get(f"{live.url}/readyz", timeout=5).status_code == 200, timeout_s=30,
+                       interval_s=0.5)
+            assert _classify(live.url) == 200
+        finally:
+            live.stop()
