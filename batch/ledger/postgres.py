@@ -15,6 +15,7 @@ best kept out of the URL: libpq's ``PGPASSWORD`` or ``~/.pgpass`` are read as us
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -132,6 +133,7 @@ class PostgresLedger(Ledger):
         self._connect_timeout_s = connect_timeout_s
         self._heartbeat: psycopg.Connection | None = None
         self._heartbeat_lock = threading.Lock()
+        self._cursors = itertools.count()  # server-side cursors need names unique per connection
         self._db = self._connect()
         try:
             if readonly:
@@ -316,7 +318,7 @@ class PostgresLedger(Ledger):
     def iter_rows(self, status: str | None = None) -> Iterator[FieldRow]:
         where, args = ("WHERE status = %s", (status,)) if status else ("", ())
         try:
-            with self._db.transaction(), self._db.cursor(name="hybridcn_rows") as cursor:
+            with self._db.transaction(), self._db.cursor(name=f"hybridcn_rows_{next(self._cursors)}") as cursor:
                 cursor.itersize = 2000  # a server-side cursor: rows arrive a page at a time
                 cursor.execute(f"SELECT {_SPEC}, status, result, error, attempts, updated FROM fields {where} "
                                f"{_ORDER}", args)

@@ -93,9 +93,9 @@ def image_cases(rng: random.Random) -> Iterator[Case]:
                "tif": (_tiff(rgb), "image/tiff"),
                "bmp": (_pil(Image.fromarray(rgb), "BMP"), "image/bmp")}
     for ext, (data, mime) in formats.items():
-        for cut in sorted(rng.sample(range(1, len(data) - 1), 18)) + [0, len(data) // 2]:  # truncated
+        for cut in sorted(rng.sample(range(1, len(data) - 1), 28)) + [0, len(data) // 2]:  # truncated
             yield Case(f"truncated-{ext}-{cut}", [("file", (f"t.{ext}", data[:cut], mime))])
-        for i in range(16):  # mutated: random bytes flipped, a header field or the body
+        for i in range(24):  # mutated: random bytes flipped, a header field or the body
             mutated = bytearray(data)
             for _ in range(rng.choice([1, 4, 32])):
                 mutated[rng.randrange(len(mutated))] = rng.randrange(256)
@@ -110,7 +110,7 @@ def image_cases(rng: random.Random) -> Iterator[Case]:
         "jpeg-zero-size": _jpeg_with_size(jpeg, 0, 0),
         "tiff-16bit-8000x8000-deflate": _tiff(np.zeros((8000, 8000), np.uint16), compression="zlib"),
         "tiff-20-pages": _tiff(np.zeros((20, 2000, 2000), np.uint16), compression="zlib"),
-        "tiff-float64-3000x3000": _tiff(np.zeros((3000, 3000, 3), np.float64), compression="zlib"),
+        "tiff-float64-3000x3000": _tiff(np.zeros((3000, 3000, 3), np.float64), compression="zlib", photometric="rgb"),
         "png-8000x8000-flat": _png(np.zeros((8000, 8000, 3), np.uint8)),
         "zip-bomb-as-png": _zip_bomb(),
     }
@@ -124,8 +124,8 @@ def image_cases(rng: random.Random) -> Iterator[Case]:
         "1bit": _pil(Image.fromarray(rgb).convert("1"), "PNG"),
         "la": _pil(Image.fromarray(rgb).convert("LA"), "PNG"),
         "cmyk-jpeg": _pil(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
-        "float-tiff": _tiff(rgb.astype(np.float32) / 255),
-        "int32-tiff": _tiff(rgb.astype(np.int32) - 128),
+        "float-tiff": _tiff(rgb.astype(np.float32) / 255, photometric="rgb"),
+        "int32-tiff": _tiff(rgb.astype(np.int32) - 128, photometric="rgb"),
         "2x2": _png(_field(6)[:2, :2]),
         "1x4000": _png(np.full((1, 4000, 3), 200, np.uint8)),
         "4000x1": _png(np.full((4000, 1, 3), 200, np.uint8)),
