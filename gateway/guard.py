@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import anyio
 
+from gateway.report_links import SHARED_PATH
+
 ASGIApp = Callable
 
 
@@ -103,7 +105,9 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
-        if self.limits.api_keys and path.startswith("/v1/") and method != "OPTIONS":
+        # signed report links carry their own credential, checked by their route (gateway.report_links)
+        shared = method in ("GET", "HEAD") and SHARED_PATH.match(path) is not None
+        if self.limits.api_keys and path.startswith("/v1/") and method != "OPTIONS" and not shared:
             key = self._key(scope)
             if key is None:
                 self._on_reject("unauthorized")

@@ -32,6 +32,7 @@ from batch.summary import summarize_slides
 from gateway.dependencies import State
 from gateway.errors import ApiError
 from gateway.jobs_executor import JobQueue
+from gateway.report_links import make_token, token_valid
 from gateway.schemas import JobDetail, JobList, JobSummary, Problem
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -55,7 +56,11 @@ def _job_dir(state, job_id: str) -> Path:
     return path
 
 
-def _file_url(job_id: str, relative: str) -> str:
+def _file_url(state, job_id: str, relative: str) -> str:
+    """A report file's URL: with API keys on, a signed link a browser tab can open without one."""
+    keys = state.settings.api_keys
+    if keys:
+        return f"/v1/jobs/{job_id}/shared/{make_token(keys, job_id)}/{relative}"
     return f"/v1/jobs/{job_id}/files/{relative}"
 
 
@@ -87,11 +92,11 @@ def _read_job(state, job_id: str, job_dir: Path, *, slides: bool) -> JobSummary 
         id=job_id, created=meta.get("created"), status=status, detail=detail, model_version=meta.get("model_version"),
         total=counts[DONE] + counts[FAILED] + counts[PENDING], done=counts[DONE], failed=counts[FAILED],
         pending=counts[PENDING], background_skipped=counts[SKIPPED],
-        report=_file_url(job_id, INDEX_HTML) if (job_dir / INDEX_HTML).is_file() else None,
+        report=_file_url(state, job_id, INDEX_HTML) if (job_dir / INDEX_HTML).is_file() else None,
     )
     if not slides:
         return JobSummary(**summary)
-    slides_now = [s.model_copy(update={"report": _file_url(job_id, s.report) if (job_dir / s.report).is_file()
+    slides_now = [s.model_copy(update={"report": _file_url(state, job_id, s.report) if (job_dir / s.report).is_file()
                                        else None}) for s in summaries]
     return JobDetail(**summary, slides=slides_now)
 
@@ -217,6 +222,20 @@ def get_job(job_id: str, state: State) -> JobDetail:
 @router.get("/{job_id}/files/{path:path}", response_class=FileResponse, responses={404: {"model": Problem}})
 def get_job_file(job_id: str, path: str, state: State) -> FileResponse:
     """A file of the job's folder: ``index.html``, ``slides/<slide>.html``, ``results.csv``, ``slides.json``."""
+    return _job_file(state, job_id, path)
+
+
+@router.get("/{job_id}/shared/{token}/{path:path}", response_class=FileResponse,
+            responses={code: {"model": Problem} for code in (403, 404)})
+def get_shared_job_file(job_id: str, token: str, path: str, state: State) -> FileResponse:
+    """A report file through a signed, expiring link (what the jobs API hands out when API keys are on)."""
+    if not token_valid(state.settings.api_keys, job_id, token):
+        raise ApiError(403, "bad_link", "this report link is not valid (expired, or the API keys changed); "
+                       "open the report again from the jobs list")
+    return _job_file(state, job_id, path)
+
+
+def _job_file(state, job_id: str, path: str) -> FileResponse:
     base = _job_dir(state, job_id).resolve()
     try:
         target = (base / path).resolve()

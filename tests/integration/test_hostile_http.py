@@ -159,3 +159,46 @@ def test_serving_beyond_loopback_without_keys_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hybridcn.cli", "serve", "--host", "0.0.0.0", "--port",
                              str(free_port())], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert result.returncode == 1 and "needs API keys" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def keyed_jobs(triton_server, tmp_path_factory):
+    settings = GatewaySettings(repository=REPOSITORY, triton_url=triton_server.grpc_url, api_keys=["k-lab"],
+                               batch_jobs_dir=tmp_path_factory.mktemp("keyed-jobs"))
+    live = LiveGateway(create_app(settings), free_port()).start()
+    yield live
+    live.stop()
+
+
+def test_with_keys_report_links_are_signed_and_open_without_a_key(keyed_jobs, png):
+    import time
+    from urllib.parse import urljoin
+
+    from gateway.report_links import make_token
+
+    key = {"X-API-Key": "k-lab"}
+    with httpx.Client(base_url=keyed_jobs.url, timeout=60) as client:
+        created = client.post("/v1/jobs", files=[("files", ("a.png", png, "image/png"))], data={"slide_id": "S1"},
+                              headers=key)
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        deadline = time.monotonic() + 180
+        while (job := client.get(f"/v1/jobs/{job_id}", headers=key).json())["status"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert job["status"] == "done" and f"/v1/jobs/{job_id}/shared/" in job["report"]
+        index = client.get(job["report"])  # a new browser tab: no key
+        assert index.status_code == 200 and "S1" in index.text
+        slide = client.get(urljoin(keyed_jobs.url + job["report"], job["slides"][0]["report"].split("/shared/")[1]
+                                   .split("/", 1)[1]))  # the index's relative link to the slide page
+        assert slide.status_code == 200, slide.text
+        assert client.get(f"/v1/jobs/{job_id}/files/index.html").status_code == 401  # the plain route needs a key
+        token = job["report"].split("/shared/")[1].split("/")[0]
+        forged = client.get(f"/v1/jobs/{job_id}/shared/{token[:-2]}xx/index.html")
+        assert forged.status_code == 403 and forged.json()["code"] == "bad_link"
+        expired = make_token(["k-lab"], job_id, ttl_s=-7200)
+        assert client.get(f"/v1/jobs/{job_id}/shared/{expired}/index.html").status_code == 403
+        other_keys = make_token(["k-other"], job_id)
+        assert client.get(f"/v1/jobs/{job_id}/shared/{other_keys}/index.html").status_code == 403
+        elsewhere = client.get(f"/v1/jobs/{job_id}/shared/{token}/../../etc/passwd")
+        assert elsewhere.status_code in (403, 404)
