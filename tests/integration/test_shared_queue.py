@@ -42,9 +42,20 @@ def _queue(root: Path) -> set[tuple[str, str]]:
 
 
 def _done_by(url: str) -> dict[str, int]:
-    with psycopg.connect(url) as connection:
-        rows = connection.execute("SELECT done_by, count(*) FROM fields WHERE status = 'done' GROUP BY done_by")
-        return dict(rows.fetchall())
+    try:
+        with psycopg.connect(url) as connection:
+            rows = connection.execute("SELECT done_by, count(*) FROM fields WHERE status = 'done' GROUP BY done_by")
+            return dict(rows.fetchall())
+    except psycopg.Error:  # not created yet
+        return {}
+
+
+def _registered(url: str) -> int:
+    try:
+        with psycopg.connect(url) as connection:
+            return connection.execute("SELECT count(*) FROM fields").fetchone()[0]
+    except psycopg.Error:  # the first worker is still creating the schema
+        return 0
 
 
 def _session_processes(sid: int) -> list[int]:
@@ -85,15 +96,23 @@ def test_three_workers_two_killed_every_field_exactly_once(two_tritons, queue_ur
     queue = str(tmp_path / "queue")
     # every worker may register the inputs (idempotent); the third joins with none, as a worker on another
     # machine would
-    workers = {"w1": worker("w1", first.grpc_url, queue), "w2": worker("w2", first.grpc_url, queue),
-               "w3": worker("w3", second.grpc_url)}
+    workers = {"w1": worker("w1", first.grpc_url, queue), "w2": worker("w2", first.grpc_url, queue)}
+
+    def ended() -> str:
+        return "; ".join(f"{name} ended ({p.returncode}): {(tmp_path / f'{name}.log').read_text()[-1500:]}"
+                         for name, p in workers.items() if p.poll() is not None)
+
     try:
         deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not _registered(queue_url):  # a worker with no INPUT joins a
+            assert not ended(), ended()  # queue that others filled (an empty one is simply finished)
+            time.sleep(0.1)
+        workers["w3"] = worker("w3", second.grpc_url)
         while time.monotonic() < deadline:
-            done = _done_by(queue_url) if (tmp_path / "w1.log").stat().st_size else {}
+            done = _done_by(queue_url)
             if done.get("w1", 0) >= 4 and done.get("w2", 0) >= 4:
                 break
-            assert all(p.poll() is None for p in workers.values()), "a worker ended before the kill"
+            assert not ended(), ended()
             time.sleep(0.1)
         else:
             pytest.fail(f"the workers did not get going: {_done_by(queue_url)}")

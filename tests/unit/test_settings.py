@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Variables read outside the gateway's settings, with the file that reads each.
 ELSEWHERE = {"HYBRIDCN_CACHE": "engine/triton_server.py", "HYBRIDCN_ORT_THREADS": "export/triton_models.py",
              "HYBRIDCN_DEBUG": "hybridcn/cli/__init__.py", "HYBRIDCN_MAX_SLIDE_PIXELS": "batch/inputs.py",
-             "HYBRIDCN_REPOSITORY": "hybridcn/config.py", "HYBRIDCN_DECODE_MEMORY_BYTES": "preprocessing/decode.py"}
+             "HYBRIDCN_REPOSITORY": "hybridcn/config.py", "HYBRIDCN_DECODE_MEMORY_BYTES": "preprocessing/decode.py",
+             "HYBRIDCN_LEDGER": "batch/cli.py"}
 
 
 def test_every_documented_variable_is_read():
