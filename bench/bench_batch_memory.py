@@ -24,13 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.triton_server import EmbeddedTriton  # noqa: E402
-from hybridcn.synth import synth_field  # noqa: E402
+from tests.support import link_queue, write_originals  # noqa: E402
 
 #: Runs a hybridcn command in this process and writes its peak RSS (kB) to the file named by argv[1].
 _MEASURED = """
@@ -40,13 +38,6 @@ atexit.register(lambda: open(out, "w").write(str(resource.getrusage(resource.RUS
 from hybridcn.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def make_queue(root: Path, originals: list[Path], fields: int, per_slide: int) -> None:
-    for index in range(fields):
-        path = root / f"S{index // per_slide:05d}" / f"f{index % per_slide:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.link(originals[index % len(originals)], path)
 
 
 def measured(args: list[str], work: Path) -> tuple[int, float, float, list[str]]:
@@ -72,16 +63,11 @@ def main() -> int:
                     "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         work = Path(tmp)
-        originals = []
-        for i in range(16):
-            path = work / "originals" / f"o{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(path), cv2.cvtColor(synth_field(i % 4, seed=31_000 + i).image, cv2.COLOR_RGB2BGR))
-            originals.append(path)
+        originals = write_originals(work / "originals", 16, seed=31_000)
         with EmbeddedTriton(Path(args.repository), ready_timeout=300) as server:
             for name, fields in (("small", args.small), ("large", args.large)):
                 queue = work / f"queue-{name}"
-                make_queue(queue, originals, fields, args.per_slide)
+                link_queue(queue, originals, fields, args.per_slide)
                 code, peak, seconds, tail = measured(
                     ["batch", str(queue), "--out", str(work / f"out-{name}"), "--triton", server.grpc_url,
                      "--progress", "log", "--log-every", "60"], work)

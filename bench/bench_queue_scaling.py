@@ -24,7 +24,6 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import cv2
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,21 +33,8 @@ from batch.inputs import DiscoveryOptions, iter_discover  # noqa: E402
 from batch.ledger import open_ledger  # noqa: E402
 from engine.model import ServedModel  # noqa: E402
 from engine.triton_server import EmbeddedTriton  # noqa: E402
-from hybridcn.synth import synth_field  # noqa: E402
 from tests.postgres_server import ThrowawayPostgres  # noqa: E402
-
-
-def make_queue(root: Path, fields: int, per_slide: int) -> None:
-    originals = []
-    for i in range(16):
-        path = root / "originals" / f"o{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), cv2.cvtColor(synth_field(i % 4, seed=32_000 + i).image, cv2.COLOR_RGB2BGR))
-        originals.append(path)
-    for index in range(fields):
-        path = root / "queue" / f"S{index // per_slide:04d}" / f"f{index % per_slide:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.link(originals[index % len(originals)], path)
+from tests.support import link_queue, write_originals  # noqa: E402
 
 
 def run_workers(count: int, url: str, queue: Path, tritons: list[str], work: Path, model: ServedModel) -> dict:
@@ -85,7 +71,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         model = ServedModel.from_repository(Path(args.repository))
-        make_queue(work, args.fields, args.per_slide)
+        link_queue(work / "queue", write_originals(work / "originals", 16, seed=32_000), args.fields, args.per_slide)
         postgres = stack.enter_context(ThrowawayPostgres())
         tritons = [stack.enter_context(EmbeddedTriton(Path(args.repository), ready_timeout=300)).grpc_url
                    for _ in range(args.tritons)]

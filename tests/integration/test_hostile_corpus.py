@@ -6,14 +6,9 @@ no server error, a ``code`` in every error, the process alive throughout, and it
 from __future__ import annotations
 
 import io
-import os
 import random
-import signal
 import socket
 import struct
-import subprocess
-import sys
-import time
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -28,8 +23,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from engine.triton_server import free_port
 from hybridcn.synth import synth_field
+from tests.support import gateway_process
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,38 +237,17 @@ def _memory_kb(pid: int, key: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def gateway_process(triton_server, tmp_path_factory):
+def gateway(triton_server, tmp_path_factory):
     """A gateway in a process of its own (its memory is measured), on the session's Triton."""
-    port = free_port()
-    env = {**os.environ, "HYBRIDCN_TRITON_URL": triton_server.grpc_url, "HYBRIDCN_PREPROCESS_THREADS": "2",
+    env = {"HYBRIDCN_TRITON_URL": triton_server.grpc_url, "HYBRIDCN_PREPROCESS_THREADS": "2",
            "HYBRIDCN_BATCH_JOBS_DIR": str(tmp_path_factory.mktemp("corpus-jobs")), "HYBRIDCN_MAX_JOB_FILES": "10",
            "HYBRIDCN_MAX_QUEUE": "64"}
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory", "--host",
-                                "127.0.0.1", "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, "the gateway died while starting"
-            time.sleep(0.3)
-        yield process, base, port
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with gateway_process(env) as running:
+        yield running
 
 
-def test_hostile_corpus(gateway_process):
-    process, base, port = gateway_process
+def test_hostile_corpus(gateway):
+    process, base, port = gateway
     rng = random.Random(2026)
     cases = [*image_cases(rng), *request_cases(rng)]
     assert len(cases) + len(RAW) >= 300

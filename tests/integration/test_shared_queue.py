@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import psycopg
 import pytest
 
-from hybridcn.synth import synth_field
+from tests.support import link_queue, write_originals
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,20 +24,8 @@ SLIDES, PER_SLIDE = 3, 30
 
 def _queue(root: Path) -> set[tuple[str, str]]:
     """SLIDES x PER_SLIDE fields: 8 distinct synthetic images, hard-linked under distinct names."""
-    originals = []
-    for i in range(8):
-        path = root / "originals" / f"o{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), cv2.cvtColor(synth_field(i % 4, seed=9100 + i).image, cv2.COLOR_RGB2BGR))
-        originals.append(path)
-    expected = set()
-    for s in range(SLIDES):
-        for i in range(PER_SLIDE):
-            path = root / "queue" / f"S{s}" / f"f{i:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.link(originals[(s + i) % 8], path)
-            expected.add((f"S{s}", str(path)))
-    return expected
+    return set(link_queue(root / "queue", write_originals(root / "originals", 8, seed=9100), SLIDES * PER_SLIDE,
+                          PER_SLIDE))
 
 
 def _done_by(url: str) -> dict[str, int]:
