@@ -8,11 +8,14 @@ finished for it when nothing is pending at all.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 
 from batch.ledger import DEFAULT_LEASE_S, PENDING, Ledger, LedgerError, PendingField
+
+logger = logging.getLogger("hybridcn.batch")
 
 
 class FieldSource:
@@ -43,8 +46,8 @@ class FixedFields(FieldSource):
 class LeasedFields(FieldSource):
     """Claims ``block`` fields at a time from ``ledger`` for ``worker``; renews the leases every ``lease_s / 3``.
 
-    ``heartbeat_failed`` is set (with the error) when a renewal fails; leases then run out and other
-    workers take the fields, while this one's late results are refused by the ledger, never doubled.
+    A failed renewal is logged and tried again at the next beat; if the leases run out meanwhile, other
+    workers take the fields, and this one's late results are refused by the ledger, never doubled.
     """
 
     def __init__(self, ledger: Ledger, worker: str, *, block: int = 64, lease_s: float = DEFAULT_LEASE_S) -> None:
@@ -54,7 +57,6 @@ class LeasedFields(FieldSource):
         self._buffer: deque[PendingField] = deque()
         self._held: set[int] = set()
         self._stop = threading.Event()
-        self.heartbeat_error: Exception | None = None
         self._beat = threading.Thread(target=self._heartbeat, name="ledger-heartbeat", daemon=True)
         self._beat.start()
 
@@ -62,13 +64,9 @@ class LeasedFields(FieldSource):
         while not self._stop.wait(self.lease_s / 3):
             try:
                 self.ledger.renew(self.worker, self.lease_s)
-                self.heartbeat_error = None
             except LedgerError as error:  # the database is away: try again at the next beat
-                self.heartbeat_error = error
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
+                logger.warning("lease renewal for %s failed (%s); trying again in %.0f s", self.worker, error,
+                               self.lease_s / 3)
 
     def next_chunk(self, size: int) -> list[PendingField] | None:
         if not self._buffer:
