@@ -48,6 +48,8 @@ def main() -> int:
                         help="draw each class's yellowish- and bluish-background fields equally often")
     parser.add_argument("--look-augment", type=float, default=0.0, metavar="SHARE",
                         help="vary focus and saturation of this share of training fields")
+    parser.add_argument("--stain-views", type=int, default=0, metavar="N",
+                        help="stain- and camera-shifted copies of each training field")
     parser.add_argument("--head-label-smoothing", type=float, metavar="EPSILON",
                         help="label smoothing of the phase-4 head alone (default: the backbones' 0.1)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -65,6 +67,7 @@ def main() -> int:
                            head_epochs=args.head_epochs, batch_size=args.batch_size, feature_views=1, seed=args.seed,
                            background_augment=args.background_augment,
                            balance_acquisition=args.balance_acquisition, look_augment=args.look_augment,
+                           stain_views=args.stain_views,
                            head_label_smoothing=args.head_label_smoothing,
                            device="cpu", progress=False)
     crossvalidate(data, profile, options, out / "cv", variants=args.variants, folds=5,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -134,3 +136,44 @@ def replace_background(
     painted = (colour + grain).clamp(0, 255).round().to(torch.uint8).to(images.device)
     repaint = (chosen[:, None, None] & ~keep.to(images.device))[..., None]
     return torch.where(repaint, painted, images)
+
+
+#: Ruifrok and Johnston's haematoxylin, eosin and DAB optical-density vectors (rows), the matrix that
+#: colour deconvolution inverts (Ruifrok AC, Johnston DA. Anal Quant Cytol Histol 23(4):291-299, 2001).
+_HED_FROM_RGB = np.linalg.inv(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]))
+_RGB_FROM_HED = np.linalg.inv(_HED_FROM_RGB)
+
+
+def acquisition_shift(rgb: np.ndarray, rng: np.random.Generator, *, stain: float = 0.12) -> np.ndarray:
+    """One random stain and camera change of a raw field ``(H,W,3) uint8``, before phase 1 sees it.
+
+    A smear from another lab differs in stain uptake and in the camera: each stain's amount is scaled
+    and offset in HED optical density (Tellez D et al., IEEE Trans Med Imaging 37(9):2126-2136, 2018,
+    with ``stain`` as their sigma), then the camera's white balance (a gain per RGB channel, clipped
+    at white as a real sensor clips), contrast, gamma and exposure, and, for some fields, defocus blur
+    and JPEG compression. Reinhard's transfer undoes a global colour change of the cells but not the
+    clipped background it leaves behind, so the networks have to learn that part.
+    """
+    x = rgb.astype(np.float64)
+    density = -np.log10(np.maximum(x, 1.0) / 255.0) @ _HED_FROM_RGB
+    density = density * rng.uniform(1 - stain, 1 + stain, 3) + rng.uniform(-stain, stain, 3) * 0.1
+    x = 255.0 * 10.0 ** (-(density @ _RGB_FROM_HED))
+    x = x * rng.uniform(0.88, 1.12, 3)
+    mean = x.reshape(-1, 3).mean(axis=0)
+    x = mean + (x - mean) * rng.uniform(0.65, 1.1)
+    x = 255.0 * (np.clip(x, 0, 255) / 255.0) ** rng.uniform(0.75, 1.35) + rng.uniform(-15, 15)
+    out = np.clip(x, 0, 255).round().astype(np.uint8)
+    if rng.random() < 0.3:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.4, 1.2))
+    if rng.random() < 0.3:
+        ok, encoded = cv2.imencode(".jpg", out[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(35, 91))])
+        if ok:
+            out = np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1])
+    return out
+
+
+def acquisition_views(raw: np.ndarray, *, views: int, seed: int) -> list[np.ndarray]:
+    """``views`` shifted copies of every raw field ``(N,H,W,3) uint8`` (:func:`acquisition_shift`),
+    each field's change drawn from ``default_rng([seed, view, field])`` so a run is reproducible."""
+    return [np.stack([acquisition_shift(field, np.random.default_rng([seed, view, i])) for i, field in enumerate(raw)])
+            for view in range(views)]

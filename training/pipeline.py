@@ -28,7 +28,7 @@ from models.stages import uint8_to_normalized
 from preprocessing import PreprocessConfig, StainReference, enhance_field, fit_stain_reference
 from preprocessing.normalize import fit_zscore
 from preprocessing.stain import foreground_mask
-from training.augment import augment_batch, replace_background
+from training.augment import acquisition_views, augment_batch, replace_background
 from training.data import group_balanced_weights, white_balance_groups
 from training.mrmr import mrmr_select
 
@@ -57,6 +57,7 @@ class TrainOptions:
     background_augment: float = 0.0  # share of training fields whose background is repainted (0 = off)
     balance_acquisition: bool = False  # draw each class's yellow- and blue-background fields equally often
     look_augment: float = 0.0  # share of training fields re-focused and re-saturated (0 = off)
+    stain_views: int = 0  # stain- and camera-shifted copies of each raw field, drawn from per batch (0 = off)
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1)))
     progress: bool = True
@@ -128,8 +129,18 @@ def background_keep(preprocessed: np.ndarray, config: PreprocessConfig) -> np.nd
 
 def _augment(images: torch.Tensor, keep: torch.Tensor | None, index: torch.Tensor | slice, options: TrainOptions,
              generator: torch.Generator, masks: torch.Tensor | None = None):
-    """The training batch ``index``: background repainted (if ``options`` asks), then :func:`augment_batch`."""
-    batch = images[index]
+    """The training batch ``index``: background repainted (if ``options`` asks), then :func:`augment_batch`.
+
+    ``images`` of shape ``(V, N, H, W, 3)`` holds V phase-1 versions of each field (the clean one and
+    :func:`~training.augment.acquisition_views`); each field of the batch comes from one drawn at random.
+    """
+    if images.ndim == 5:
+        count = len(range(*index.indices(images.shape[1]))) if isinstance(index, slice) else len(index)
+        view = (torch.rand(count, generator=generator) * images.shape[0]).long().to(images.device)
+        rows = torch.arange(images.shape[1], device=images.device)[index]
+        batch = images[view, rows]
+    else:
+        batch = images[index]
     if keep is not None:
         batch = replace_background(batch, keep[index], probability=options.background_augment, generator=generator)
     return augment_batch(batch, masks, generator=generator, look=options.look_augment)
@@ -277,7 +288,8 @@ def train_backbones(
     )
     trainer = BackboneTrainer(features, len(profile.classes)).to(options.device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-    steps_per_epoch = max(1, len(images) // options.batch_size)
+    fields = images.shape[-4]  # images may hold several phase-1 versions of each field (see _augment)
+    steps_per_epoch = max(1, fields // options.batch_size)
     schedule = cosine_schedule(optimizer, steps_per_epoch, steps_per_epoch * options.backbone_epochs)
     start_epoch = 0
     if checkpoint is not None and checkpoint.exists():
@@ -295,7 +307,7 @@ def train_backbones(
     class_weight = (class_counts.sum() / (len(class_counts) * class_counts.clamp(min=1))).to(options.device)
     for epoch in range(start_epoch, options.backbone_epochs):
         trainer.train()
-        order = _epoch_order(len(images), generator, sample_weights)
+        order = _epoch_order(fields, generator, sample_weights)
         running, correct, seen = 0.0, 0, 0
         batches = _progress(range(steps_per_epoch), steps_per_epoch, f"backbones {epoch + 1}", options.progress)
         for batch_index in batches:
@@ -336,12 +348,14 @@ def extract_features(
     device: str, *, augment: TrainOptions | None = None, generator: torch.Generator | None = None,
     keep: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """Pooled features of every field; ``augment`` (the run's options) draws one augmented view instead."""
+    """Pooled features of every field; ``augment`` (the run's options) draws one augmented view instead
+    (``images`` as in :func:`_augment`; without ``augment`` they must be one version, ``(N,H,W,3)``)."""
     out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
+    for start in range(0, images.shape[-4], batch_size):
         if augment is not None:
             batch, _ = _augment(images, keep, slice(start, start + batch_size), augment, generator)
+        else:
+            batch = images[start : start + batch_size]
         _, _, segmented = segmentation(batch)
         with _autocast(device):
             out.append(features(segmented.contiguous(memory_format=torch.channels_last)).float().cpu())
@@ -419,6 +433,13 @@ def fit_pipeline(
         lightness_threshold=profile.preprocess.stain_lightness_threshold)
     pre = preprocess_all(raw_images, reference, profile.preprocess, workers=options.workers)
     images = torch.as_tensor(pre).to(options.device)
+    # phase 3 and the head's augmented views draw from these; the U-Net and the clean features see ``images``
+    viewed = images
+    if options.stain_views > 0:
+        shifted = [preprocess_all(view, reference, profile.preprocess, workers=options.workers)
+                   for view in acquisition_views(raw_images, views=options.stain_views, seed=options.seed)]
+        viewed = torch.as_tensor(np.stack([pre, *shifted])).to(options.device)
+        log(f"phase 1: {options.stain_views} stain- and camera-shifted copies of every field")
     keep = (torch.as_tensor(background_keep(pre, profile.preprocess)).to(options.device)
             if options.background_augment > 0 else None)
     weights = None
@@ -458,13 +479,13 @@ def fit_pipeline(
         log(f"phase 2 done at {clock.seconds():.1f}s")
         label_tensor = torch.as_tensor(labels, dtype=torch.int64).to(options.device)
         checkpoint = run_dir / BACKBONE_CHECKPOINT if run_dir is not None else None
-        features = train_backbones(segmentation, images, label_tensor, profile, options, log, generator, checkpoint,
+        features = train_backbones(segmentation, viewed, label_tensor, profile, options, log, generator, checkpoint,
                                    keep=keep, sample_weights=None if weights is None else torch.as_tensor(weights),
                                    clock=clock)
         log(f"phase 3 done at {clock.seconds():.1f}s")
     views = [extract_features(segmentation, features, images, 2 * options.batch_size, options.device)]
     for _ in range(options.feature_views):
-        views.append(extract_features(segmentation, features, images, 2 * options.batch_size, options.device,
+        views.append(extract_features(segmentation, features, viewed, 2 * options.batch_size, options.device,
                                       augment=options, generator=generator, keep=keep))
     train_features = np.concatenate(views)
     train_labels = np.tile(labels, len(views))

@@ -32,7 +32,8 @@ def _options(args: argparse.Namespace):
 
     options = TrainOptions(seed=args.seed, progress=sys.stderr.isatty())
     for name in ("seg_epochs", "backbone_epochs", "head_epochs", "batch_size", "feature_views", "device", "workers",
-                 "background_augment", "balance_acquisition", "look_augment", "head_label_smoothing"):
+                 "background_augment", "balance_acquisition", "look_augment", "stain_views",
+                 "head_label_smoothing"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(options, name, value)
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draw each class's yellowish- and bluish-background fields equally often")
         p.add_argument("--look-augment", type=float, metavar="SHARE",
                        help="vary focus and saturation of this share of training fields (default 0: off)")
+        p.add_argument("--stain-views", type=int, metavar="N",
+                       help="train phases 3-4 also on N stain- and camera-shifted copies of each field (default 0)")
         p.add_argument("--head-label-smoothing", type=float, metavar="EPSILON",
                        help="label smoothing of the phase-4 head alone (default: the backbones' 0.1)")
         p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")

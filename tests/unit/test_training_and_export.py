@@ -118,6 +118,36 @@ def test_pipeline_trains_with_background_repaint(tiny_data):
     assert predict(model, images[:4], options)["probabilities"].shape == (4, 4)
 
 
+def test_acquisition_shift_is_seeded_and_moves_colour_camera_and_background(tiny_data):
+    from preprocessing.stain import foreground_mask
+    from training.augment import acquisition_shift, acquisition_views
+
+    field = tiny_data[0][0]
+    first = acquisition_shift(field, np.random.default_rng([0, 0, 1]))
+    assert first.dtype == np.uint8 and first.shape == field.shape
+    assert np.array_equal(first, acquisition_shift(field, np.random.default_rng([0, 0, 1])))
+    others = [acquisition_shift(field, np.random.default_rng([0, 0, i])) for i in range(2, 12)]
+    changes = [np.abs(o.astype(float) - field).mean() for o in others]
+    assert min(changes) > 1.0 and max(changes) < 60.0  # every copy changed, none destroyed
+    background = ~foreground_mask(field)
+    means = np.array([o[background].mean(axis=0) for o in others])
+    assert means.std(axis=0).min() > 1.0  # the white balance moves the background too, channel by channel
+    views = acquisition_views(tiny_data[0][:3], views=2, seed=5)
+    assert len(views) == 2 and views[0].shape == (3, *field.shape) and not np.array_equal(views[0], views[1])
+    assert np.array_equal(views[1][2], acquisition_shift(tiny_data[0][2], np.random.default_rng([5, 1, 2])))
+
+
+def test_pipeline_trains_on_stain_views(tiny_data):
+    images, masks, labels = tiny_data
+    options = TrainOptions(seg_epochs=1, backbone_epochs=1, head_epochs=2, batch_size=16, workers=1, feature_views=1,
+                           device="cpu", progress=False, stain_views=2)
+    messages = []
+    model = fit_pipeline(images, masks, np.ones(len(labels), bool), labels, get_profile("tiny"), options,
+                         messages.append)
+    assert any("2 stain- and camera-shifted copies" in m for m in messages)
+    assert predict(model, images[:4], options)["probabilities"].shape == (4, 4)
+
+
 def test_white_balance_groups_follow_the_background_tint(tiny_data):
     from preprocessing.stain import background_tint, foreground_mask
     from training.data import white_balance_groups
