@@ -23,10 +23,19 @@ from batch.progress import make_progress
 from batch.reports import ReportWriteError
 from batch.runner import BatchError, BatchOptions, BatchSummary, open_queue, run_batch, write_queue_reports
 from engine.triton_server import TritonStartError
+from preprocessing.scale import check_pixel_size
 
 EXIT_OK, EXIT_ERROR, EXIT_FIELDS_FAILED, EXIT_INTERRUPTED = 0, 1, 3, 130
 #: The environment variable that gives ``--ledger`` its default (a shared queue for every worker of a deployment).
 LEDGER_ENV = "HYBRIDCN_LEDGER"
+
+
+def pixel_size_arg(text: str) -> float:
+    """argparse type of ``--pixel-size``: a plausible um-per-pixel value (``classify`` uses it too)."""
+    try:
+        return check_pixel_size(float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_ledger_argument(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -63,6 +72,9 @@ def add_batch_arguments(parser: argparse.ArgumentParser, *, default_repository: 
     parser.add_argument("--tile", choices=["auto", "always", "never"], default="auto",
                         help="auto: tile slide images given as INPUT and images too large for a field")
     parser.add_argument("--tile-size", type=int, default=0, help="tile side in slide pixels (default: model size)")
+    parser.add_argument("--pixel-size", type=pixel_size_arg, metavar="UM",
+                        help="um per pixel of the inputs (a manifest's pixel_size_um column wins; default: measured "
+                             "from each field's red cells)")
     parser.add_argument("--max-slide-pixels", type=int, default=None, metavar="PIXELS",
                         help="refuse slides over this many pixels (width x height) before reading them (default: "
                              "$HYBRIDCN_MAX_SLIDE_PIXELS, else 4000000000)")
@@ -91,6 +103,7 @@ def run_batch_cli(args: argparse.Namespace) -> int:
             out_dir=Path(args.out), repository=Path(args.repository), triton_urls=tuple(args.triton),
             batch_size=args.batch_size, inflight=args.inflight, workers=args.workers, ort_threads=args.ort_threads,
             retry_failed=args.retry_failed, attempts=args.attempts, tile=args.tile, tile_size=args.tile_size,
+            pixel_size_um=args.pixel_size,
             gallery_size=args.gallery, ledger=args.ledger, lease_s=args.lease_seconds, worker_id=args.worker_id,
             **({} if args.max_slide_pixels is None else {"max_slide_pixels": args.max_slide_pixels}),
         )

@@ -31,7 +31,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -40,6 +40,7 @@ import numpy as np
 from batch.ledger import FIELD, TILE, FieldSpec
 from preprocessing import InvalidImageError
 from preprocessing.decode import DEFAULT_MAX_PIXELS, default_max_decoded_bytes, to_uint8
+from preprocessing.scale import check_pixel_size
 
 FIELD_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs")
@@ -335,6 +336,14 @@ class DiscoveryOptions:
     tile: str = "auto"
     max_field_pixels: int = DEFAULT_MAX_PIXELS
     max_slide_pixels: int = field(default_factory=default_max_slide_pixels)
+    pixel_size_um: float | None = None  # of every input without its own (a manifest's pixel_size_um column)
+    training_pixel_size_um: float | None = None  # of the model's fields: with a pixel size, tiles cover a field
+
+    def tile_side(self, pixel_size_um: float | None) -> int:
+        """Tile side in slide pixels: the area of one training field when the slide's pixel size is known."""
+        if pixel_size_um is None or self.training_pixel_size_um is None:
+            return self.tile_size
+        return max(16, round(self.tile_size * self.training_pixel_size_um / pixel_size_um))
 
     def __post_init__(self) -> None:
         if self.tile not in TILE_MODES:
@@ -345,7 +354,8 @@ class DiscoveryOptions:
             raise ValueError(f"max_slide_pixels must be positive, got {self.max_slide_pixels}")
 
 
-def slide_tiles(path: Path, slide_id: str, tile_size: int, *, max_slide_pixels: int | None = None) -> list[FieldSpec]:
+def slide_tiles(path: Path, slide_id: str, tile_size: int, *, max_slide_pixels: int | None = None,
+                pixel_size_um: float | None = None) -> list[FieldSpec]:
     """One pending field per tile of a slide image; raises :class:`InputError` if it cannot be read.
 
     The slide's size comes from its header: one over ``max_slide_pixels`` (default
@@ -368,7 +378,8 @@ def slide_tiles(path: Path, slide_id: str, tile_size: int, *, max_slide_pixels: 
         raise InputError(f"{path}: cannot read this slide image: {error}") from error
     except (OSError, ValueError, SyntaxError) as error:
         raise InputError(f"{path}: cannot read this slide image: {error}") from error
-    return [FieldSpec(slide_id, str(path), TILE, x, y, w, h) for x, y, w, h in tile_grid(width, height, tile_size)]
+    return [FieldSpec(slide_id, str(path), TILE, x, y, w, h, pixel_size_um)
+            for x, y, w, h in tile_grid(width, height, tile_size)]
 
 
 def _is_image(name: str) -> bool:
@@ -385,12 +396,15 @@ def _too_big_for_a_field(path: Path, options: DiscoveryOptions) -> bool:
     return width * height > options.max_field_pixels
 
 
-def image_specs(path: Path, slide_id: str, options: DiscoveryOptions) -> list[FieldSpec]:
+def image_specs(path: Path, slide_id: str, options: DiscoveryOptions, pixel_size_um: float | None = None
+                ) -> list[FieldSpec]:
     """A field image of a folder or manifest: one field, or its tiles (see the module docstring)."""
+    pixel_size_um = options.pixel_size_um if pixel_size_um is None else pixel_size_um
     tile = options.tile == "always" or (options.tile == "auto" and _too_big_for_a_field(path, options))
     if tile and path.is_file():
-        return slide_tiles(path, slide_id, options.tile_size, max_slide_pixels=options.max_slide_pixels)
-    return [FieldSpec(slide_id, str(path), FIELD)]
+        return slide_tiles(path, slide_id, options.tile_side(pixel_size_um), max_slide_pixels=options.max_slide_pixels,
+                           pixel_size_um=pixel_size_um)
+    return [FieldSpec(slide_id, str(path), FIELD, pixel_size_um=pixel_size_um)]
 
 
 def iter_folder_specs(root: Path, options: DiscoveryOptions) -> Iterator[FieldSpec]:
@@ -412,7 +426,11 @@ def folder_specs(root: Path, options: DiscoveryOptions) -> list[FieldSpec]:
 
 
 def manifest_specs(manifest: Path, options: DiscoveryOptions) -> list[FieldSpec]:
-    """The fields of a ``slide_id,path`` CSV; every path is checked before anything runs."""
+    """The fields of a ``slide_id,path[,pixel_size_um]`` CSV; every path is checked before anything runs.
+
+    ``pixel_size_um`` (um per pixel, optional, blank for unknown) fits that row's images at the training
+    scale: slides are cut into tiles that cover one training field each.
+    """
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -430,16 +448,21 @@ def manifest_specs(manifest: Path, options: DiscoveryOptions) -> list[FieldSpec]
         if not slide_id or not raw:
             problems.append(f"line {line}: slide_id and path must both be set")
             continue
+        try:
+            pixel_size = check_pixel_size(row["pixel_size_um"]) if row.get("pixel_size_um") else None
+        except ValueError as error:
+            problems.append(f"line {line}: {error}")
+            continue
         path = Path(raw).expanduser()
         path = (path if path.is_absolute() else manifest.parent / path).resolve()
+        row_options = options if pixel_size is None else replace(options, pixel_size_um=pixel_size)
         if path.is_dir():
-            found = [FieldSpec(slide_id, s.source, s.kind, s.x, s.y, s.width, s.height)
-                     for s in folder_specs(path, options)]
+            found = [replace(s, slide_id=slide_id) for s in folder_specs(path, row_options)]
             if not found:
                 problems.append(f"line {line}: folder {path} holds no images")
             specs.extend(found)
         elif path.is_file() and os.access(path, os.R_OK):
-            specs.extend(image_specs(path, slide_id, options))
+            specs.extend(image_specs(path, slide_id, row_options))
         else:
             problems.append(f"line {line}: {path} does not exist or is not readable")
     if problems:
@@ -484,9 +507,10 @@ def iter_discover(inputs: Sequence[str | Path], options: DiscoveryOptions) -> It
         elif path.suffix.lower() == ".csv":
             yield from manifest_specs(path, options)
         elif options.tile == "never":
-            yield FieldSpec(path.stem, str(path), FIELD)
+            yield FieldSpec(path.stem, str(path), FIELD, pixel_size_um=options.pixel_size_um)
         else:
-            yield from slide_tiles(path, path.stem, options.tile_size, max_slide_pixels=options.max_slide_pixels)
+            yield from slide_tiles(path, path.stem, options.tile_side(options.pixel_size_um),
+                                   max_slide_pixels=options.max_slide_pixels, pixel_size_um=options.pixel_size_um)
 
 
 def discover(inputs: Sequence[str | Path], options: DiscoveryOptions) -> list[FieldSpec]:

@@ -31,6 +31,7 @@ class BatchOptions:
     tile_size: int = 0  # 0 = the model's field size
     # Slides over this many pixels are refused at discovery (default: HYBRIDCN_MAX_SLIDE_PIXELS, else 4 Gpx).
     max_slide_pixels: int = field(default_factory=default_max_slide_pixels)
+    pixel_size_um: float | None = None  # of inputs whose manifest row gives none (None: measured per field)
     gallery_size: int = GALLERY_SIZE
     triton_ready_timeout_s: float = 30.0
     request_timeout_s: float = 120.0

@@ -21,7 +21,7 @@ from typing import IO
 from batch.html import INDEX_HTML, index_html, slide_html
 from batch.ledger import DONE, FAILED, PENDING, SKIPPED, TILE, FieldRow
 from batch.summary import GALLERY_SIZE, VERDICT_METHOD, malignant_classes, tally_slides
-from hybridcn.contracts import SlideSummary
+from hybridcn.contracts import FieldResult, SlideSummary
 
 RESULTS_CSV, SLIDES_CSV, SLIDES_JSON = "results.csv", "slides.csv", "slides.json"
 
@@ -37,7 +37,7 @@ class ReportWriteError(RuntimeError):
 def result_columns(classes: Sequence[str]) -> list[str]:
     return ["slide_id", "source", "kind", "tile_x", "tile_y", "tile_w", "tile_h", "status", "label",
             *(f"p_{name}" for name in classes), "confidence", "needs_review", "review_reasons", "cell_count",
-            "ood_score", "qc_flags", "model_version", "error"]
+            "ood_score", "red_cell_px", "pixel_size_um", "rescaled_by", "qc_flags", "model_version", "error"]
 
 
 def _result_record(row: FieldRow, classes: Sequence[str]) -> list:
@@ -48,8 +48,13 @@ def _result_record(row: FieldRow, classes: Sequence[str]) -> list:
     return [row.spec.slide_id, row.spec.source, row.spec.kind, *coords, row.status, row.label or "",
             *probabilities, f"{row.confidence:.6f}" if done else "", int(bool(row.needs_review)) if done else "",
             "; ".join(row.review_reasons), row.cell_count if done else "",
-            "" if row.result is None or row.result.ood_score is None else row.result.ood_score, ";".join(row.qc_flags),
+            *_optional(row.result, ("ood_score", "scale", "pixel_size_um", "rescaled_by")), ";".join(row.qc_flags),
             row.model_version or "", row.error or ""]
+
+
+def _optional(result: FieldResult | None, names: Sequence[str]) -> list:
+    """The named result fields, blank where missing (a field not done, a model without the check)."""
+    return ["" if result is None or getattr(result, name) is None else getattr(result, name) for name in names]
 
 
 def results_csv(rows: Iterable[FieldRow], classes: Sequence[str]) -> str:

@@ -124,8 +124,10 @@ def run_batch(inputs: Sequence[str | Path], options: BatchOptions, *, progress: 
     progress = progress or make_progress("none")
     model = _load_model(options, model)
     tile_size = options.tile_size or model.field_size
+    check = model.manifest.ood
     discovery = DiscoveryOptions(tile_size=tile_size, tile=options.tile, max_field_pixels=model.preprocess.max_pixels,
-                                 max_slide_pixels=options.max_slide_pixels)
+                                 max_slide_pixels=options.max_slide_pixels, pixel_size_um=options.pixel_size_um,
+                                 training_pixel_size_um=None if check is None else check.pixel_size_um)
     if inputs or not options.ledger:  # only a shared --ledger queue can be joined without inputs
         check_inputs(list(inputs))
     out_dir = Path(options.out_dir)

@@ -69,8 +69,8 @@ def prepare_spec(spec: FieldSpec, model: ServedModel, readers: ReaderCache) -> P
             data = Path(spec.source).read_bytes()
         except OSError as error:
             raise InvalidImageError("unreadable", f"cannot read {spec.source}: {error.strerror or error}") from error
-        return prepare_bytes(data, model)
-    return prepare_tile(read_tile(spec, readers), model)
+        return prepare_bytes(data, model, pixel_size_um=spec.pixel_size_um)
+    return prepare_tile(read_tile(spec, readers), model, pixel_size_um=spec.pixel_size_um)
 
 
 def describe_error(error: BaseException) -> str:
@@ -91,7 +91,7 @@ def prepare_one(field_id: int, spec: FieldSpec, model: ServedModel, readers: Rea
     # The main process needs what goes to Triton, the QC, and a thumbnail; the full field stays here.
     nothing = np.empty((0, 0, 3), np.uint8)
     light = PreparedField(nothing, nothing, prepared.preprocessed, prepared.qc, prepared.source_shape,
-                          prepared.timings_ms, prepared.statistics)
+                          prepared.timings_ms, prepared.statistics, prepared.scale)
     thumbnail = cv2.resize(prepared.display, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
     return Preparation(field_id, OK, light, thumbnail=thumbnail)
 

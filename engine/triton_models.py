@@ -9,6 +9,7 @@ response; an undecodable upload fails only its own request, with the gateway's e
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from engine.field import PreparedField, interpret, prepare_bytes
 from engine.model import ServedModel
 from export.runtime import EnsembleOutput
 from preprocessing import FieldQC, InvalidImageError
+from preprocessing.scale import ScalePlan
 
 
 def _pb_utils():
@@ -56,16 +58,19 @@ class PreprocessModel:
 
 
 def _carried(prepared: PreparedField) -> dict:
-    """What ``interpret`` needs of the preparation: the QC and, for the OOD check, the field statistics."""
+    """What ``interpret`` needs of the preparation: the QC, the field statistics (OOD check) and the scale plan."""
     statistics = None if prepared.statistics is None else prepared.statistics.tolist()
-    return {**prepared.qc.to_dict(), "statistics": statistics}
+    scale = None if prepared.scale is None else asdict(prepared.scale)
+    return {**prepared.qc.to_dict(), "statistics": statistics, "scale": scale}
 
 
-def _uncarried(encoded: bytes) -> tuple[FieldQC, np.ndarray | None]:
+def _uncarried(encoded: bytes) -> tuple[FieldQC, np.ndarray | None, ScalePlan | None]:
     values = json.loads(encoded)
     values.pop("flags", None)  # derived from the others
     statistics = values.pop("statistics", None)
-    return FieldQC(**values), None if statistics is None else np.asarray(statistics, np.float32)
+    scale = values.pop("scale", None)
+    return (FieldQC(**values), None if statistics is None else np.asarray(statistics, np.float32),
+            None if scale is None else ScalePlan(**scale))
 
 
 class InterpretModel:
@@ -88,9 +93,9 @@ class InterpretModel:
             ood = None if ood is None else ood.as_numpy()
             results = []
             for i in range(len(probabilities)):
-                field_qc, statistics = _uncarried(bytes(qc[i]))
+                field_qc, statistics, scale = _uncarried(bytes(qc[i]))
                 prepared = PreparedField(self._empty, self._empty, self._empty, field_qc, self._shape,
-                                         statistics=statistics)
+                                         statistics=statistics, scale=scale)
                 output = EnsembleOutput(probabilities[i : i + 1], np.zeros((1, 0), np.float32), mask[i : i + 1],
                                         mask[i : i + 1], None if ood is None else ood[i : i + 1])
                 results.append(interpret(prepared, output, self.model))

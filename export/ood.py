@@ -26,13 +26,17 @@ from sklearn.covariance import LedoitWolf
 from export.repository import read_manifest
 from export.runtime import onnx_session
 from hybridcn.contracts import OutOfDistribution
+from hybridcn.profiles import Profile
 from preprocessing import PreprocessConfig, StainReference, decode_image, enhance_field, fit_field
 from preprocessing.fieldstats import STATISTICS, field_statistics
 from preprocessing.probes import PROBES, probe_field
+from preprocessing.scale import fit_to_plan, plan_scale, red_cell_diameter
 from training.data import block_folds, find_samples
 
 #: Share of held-out in-distribution fields the threshold lets through.
 IN_DISTRIBUTION_QUANTILE = 0.98
+#: Share of training fields each magnification check leaves out at either end of its range.
+SCALE_TAIL = 0.0025
 
 
 @dataclass(frozen=True)
@@ -142,10 +146,14 @@ def fit_out_of_distribution(data: Path, repository: Path, *, probe_fields: int =
         raw = list(pool.map(lambda s: decode_image(s.path.read_bytes()), samples))
     extract = feature_extractor(repository)
 
-    def measure(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    field_size = Profile.from_dict(model_manifest.profile).field_size
+
+    def measure(images: list[np.ndarray], plans: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+        plans = plans or [None] * len(images)
         with ThreadPoolExecutor() as pool:
-            originals = list(pool.map(lambda im: fit_field(im, size, max_aspect_ratio=config.max_aspect_ratio),
-                                      images))
+            originals = list(pool.map(lambda item: fit_to_plan(item[0], size, item[1], field_size=field_size,
+                                                               max_aspect_ratio=config.max_aspect_ratio),
+                                      zip(images, plans, strict=True)))
             fields = np.stack(list(pool.map(lambda im: enhance_field(im, reference, config), originals)))
             statistics = np.stack(list(pool.map(field_statistics, originals)))
         return extract(fields), statistics
@@ -159,19 +167,40 @@ def fit_out_of_distribution(data: Path, repository: Path, *, probe_fields: int =
     statistics_threshold = threshold_from(held_statistics, quantile)
     held = np.maximum(held_features / feature_threshold, held_statistics / statistics_threshold)
     feature_density, statistics_density = fit_density(features), fit_density(statistics)
+    with ThreadPoolExecutor() as pool:
+        measured = list(pool.map(lambda im: red_cell_diameter(fit_field(im, field_size)), raw))
+    diameters = np.array([d for d in measured if d is not None])
+    red_cells = (float(np.quantile(diameters, SCALE_TAIL)), float(np.median(diameters)),
+                 float(np.quantile(diameters, 1 - SCALE_TAIL)))
+    log(f"ood: red cells {red_cells[1]:.1f} px across at the field size ({red_cells[0]:.1f}-{red_cells[2]:.1f}); "
+        f"{len(measured) - len(diameters)} fields without a measurement")
+
     blob = np.exp(statistics[:, STATISTICS.index("log_blob_scale")])
-    scale_range = (float(np.quantile(blob, 0.005)), float(np.quantile(blob, 0.995)))
+    scale_range = (float(np.quantile(blob, SCALE_TAIL)), float(np.quantile(blob, 1 - SCALE_TAIL)))
+
+    def in_blob_range(values: np.ndarray) -> np.ndarray:
+        radius = np.exp(values[:, STATISTICS.index("log_blob_scale")])
+        return (radius >= scale_range[0]) & (radius <= scale_range[1])
+
+    def plans_for(images: list[np.ndarray]) -> list:
+        with ThreadPoolExecutor() as pool:
+            return list(pool.map(lambda im: plan_scale(im, field_size, red_cells), images))
+
     probes = {}
     for kind in PROBES:
-        probe_features, probe_statistics = measure(_probe_fields(raw, kind, probe_fields))
+        images = _probe_fields(raw, kind, probe_fields)
+        plans = plans_for(images)
+        probe_features, probe_statistics = measure(images, plans)
         score = np.maximum(feature_density.score(probe_features) / feature_threshold,
                            statistics_density.score(probe_statistics) / statistics_threshold)
-        probe_blob = np.exp(probe_statistics[:, STATISTICS.index("log_blob_scale")])
-        flagged = (score > 1) | (probe_blob < scale_range[0]) | (probe_blob > scale_range[1])
+        flagged_scale = np.array([plan.reason is not None for plan in plans]) | ~in_blob_range(probe_statistics)
+        rescaled = np.array([plan.rescaled_by is not None for plan in plans])
+        flagged = (score > 1) | flagged_scale
         probes[kind] = {"n": len(score), "flagged": round(float(flagged.mean()), 4),
-                        "flagged_as_out_of_distribution": round(float((score > 1).mean()), 4)}
-        log(f"ood: probe {kind:<18} flagged {flagged.mean():.1%}")
-    in_scale = (blob >= scale_range[0]) & (blob <= scale_range[1])
+                        "flagged_as_out_of_distribution": round(float((score > 1).mean()), 4),
+                        "rescaled": round(float(rescaled.mean()), 4)}
+        log(f"ood: probe {kind:<18} flagged {flagged.mean():.1%} (rescaled {rescaled.mean():.1%})")
+    in_scale = np.array([plan.reason is None for plan in plans_for(raw)]) & in_blob_range(statistics)
     report = {
         "fitted_on": {"data": Path(data).name, "n": len(samples)},
         "held_out_in_distribution_flagged": round(float(((held > 1) | ~in_scale).mean()), 4),
@@ -179,8 +208,8 @@ def fit_out_of_distribution(data: Path, repository: Path, *, probe_fields: int =
         "probes": probes,
         "probes_flagged": round(float(np.mean([p["flagged"] for p in probes.values()])), 4),
         "method": "Mahalanobis distance (Ledoit-Wolf covariance) of the backbone features and of the field's "
-                  "acquisition statistics; thresholds at block-held-out quantiles; cell scale by "
-                  "scale-normalised LoG",
+                  "acquisition statistics; thresholds at block-held-out quantiles; magnification from the red "
+                  "cells' distance-transform radii, fields off the training range rescaled and flagged",
     }
     log(f"ood: held-out in-distribution fields flagged {report['held_out_in_distribution_flagged']:.1%}, "
         f"probes flagged {report['probes_flagged']:.1%}")
@@ -188,5 +217,6 @@ def fit_out_of_distribution(data: Path, repository: Path, *, probe_fields: int =
         feature_threshold=feature_threshold, statistics_names=list(STATISTICS),
         statistics_mean=statistics_density.mean.astype(float).tolist(),
         statistics_whitening=statistics_density.whitening.astype(float).tolist(),
-        statistics_threshold=statistics_threshold, scale_range=scale_range, report=report)
+        statistics_threshold=statistics_threshold, scale_range=scale_range, red_cell_diameter=red_cells,
+        report=report)
     return entry, feature_density

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from preprocessing.scale import RED_CELL_UM
+
 #: How people name each class (the web page and reports); the short names are the class order contract's.
 CLASS_DESCRIPTIONS = {"Benign": "Benign (hematogones)", "Early": "Early Pre-B ALL", "Pre": "Pre-B ALL",
                       "Pro": "Pro-B ALL"}
@@ -29,9 +31,19 @@ class OutOfDistribution(BaseModel):
     statistics_mean: list[float]
     statistics_whitening: list[list[float]]
     statistics_threshold: float
-    scale_range: tuple[float, float] = Field(description="blob radius (px at the model's size) that training "
-                                             "fields span, 0.5th to 99.5th percentile")
+    scale_range: tuple[float, float] | None = Field(
+        None, description="blob radius (px at the model's size, preprocessing.fieldstats.blob_scale) that training "
+                          "fields span, 0.25th to 99.75th percentile; a second, texture-based magnification check")
+    red_cell_diameter: tuple[float, float, float] | None = Field(
+        None, description="red-cell diameter in pixels at the field size (preprocessing.scale) over the training "
+                          "fields: 0.25th percentile, median, 99.75th percentile; the median sets the training scale "
+                          "(null in checks fitted before it existed: no scale handling)")
     report: dict[str, Any] = Field(default_factory=dict, description="held-out flag rate and probe results")
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        """um per field pixel of the training fields, from their red cells' median diameter."""
+        return None if self.red_cell_diameter is None else RED_CELL_UM / self.red_cell_diameter[1]
 
 
 class Manifest(BaseModel):
@@ -112,8 +124,13 @@ class FieldResult(BaseModel):
     cells: list[Cell] = Field(default_factory=list)
     ood_score: float | None = Field(None, description="out-of-distribution score: over 1 means unlike the "
                                     "training fields (reason `out_of_distribution`); null if the model has no check")
-    scale: float | None = Field(None, description="the field's blob radius in pixels at the model's size (red "
-                                "cells set it; the magnification check compares it with the training range)")
+    scale: float | None = Field(None, description="the field's red-cell diameter in pixels at the field size, as "
+                                "it arrived (the magnification check compares it with the training fields'); null "
+                                "when no red cells were measured or the caller gave the pixel size")
+    pixel_size_um: float | None = Field(None, description="um per pixel of the image as sent: the caller's, or "
+                                        "estimated from its red cells (7.5 um across); null when not known")
+    rescaled_by: float | None = Field(None, description="how much the field was enlarged (>1) or shrunk (<1) to "
+                                      "the training scale on top of the usual fit; null when it was not")
     qc: FieldQCResult = Field(default_factory=FieldQCResult)
     model_version: str
     timings_ms: dict[str, float] = Field(default_factory=dict)

@@ -70,6 +70,18 @@ class PreprocessConfig:
         return [name for enabled, name in named if enabled]
 
 
+def check_aspect_ratio(rgb: np.ndarray, max_aspect_ratio: float) -> None:
+    """Refuse a very elongated image (``InvalidImageError``): it is a slide or a strip, not a field."""
+    height, width = rgb.shape[:2]
+    ratio = max(height, width) / min(height, width)
+    if ratio > max_aspect_ratio:
+        raise InvalidImageError(
+            "bad_aspect_ratio",
+            f"image is {width}x{height} (aspect {ratio:.1f}); a field must be at most {max_aspect_ratio}:1 "
+            "- tile whole slides with `hybridcn batch`",
+        )
+
+
 def fit_field(rgb: np.ndarray, size: int, *, max_aspect_ratio: float = 4.0) -> np.ndarray:
     """Resize a field to ``size`` x ``size``: scale the short side to ``size``, centre-crop the long one.
 
@@ -79,13 +91,7 @@ def fit_field(rgb: np.ndarray, size: int, *, max_aspect_ratio: float = 4.0) -> n
     height, width = rgb.shape[:2]
     if (height, width) == (size, size):
         return rgb
-    ratio = max(height, width) / min(height, width)
-    if ratio > max_aspect_ratio:
-        raise InvalidImageError(
-            "bad_aspect_ratio",
-            f"image is {width}x{height} (aspect {ratio:.1f}); a field must be at most {max_aspect_ratio}:1 "
-            "- tile whole slides with `hybridcn batch`",
-        )
+    check_aspect_ratio(rgb, max_aspect_ratio)
     scale = size / min(height, width)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR

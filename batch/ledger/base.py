@@ -53,6 +53,7 @@ class FieldSpec:
     y: int = 0
     width: int = 0
     height: int = 0
+    pixel_size_um: float | None = None  # um per pixel of the image, when the manifest or --pixel-size gave it
 
 
 @dataclass(frozen=True)

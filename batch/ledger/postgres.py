@@ -85,10 +85,11 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             processed bigint NOT NULL DEFAULT 0
         );
     """),
+    (2, "ALTER TABLE fields ADD COLUMN pixel_size_um double precision;"),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-_SPEC = "id, slide_id, source, kind, tile_x, tile_y, tile_w, tile_h"
+_SPEC = "id, slide_id, source, kind, tile_x, tile_y, tile_w, tile_h, pixel_size_um"
 _ORDER = "ORDER BY slide_id, source, tile_y, tile_x"
 
 T = TypeVar("T")
@@ -206,14 +207,13 @@ class PostgresLedger(Ledger):
     def register(self, specs: Iterable[FieldSpec]) -> int:
         with self._db.transaction(), self._db.cursor() as cursor:
             cursor.execute("CREATE TEMP TABLE incoming (n bigint GENERATED ALWAYS AS IDENTITY, slide_id text, "
-                           "source text, kind text, tile_x integer, tile_y integer, tile_w integer, tile_h integer) "
-                           "ON COMMIT DROP")
-            with cursor.copy("COPY incoming (slide_id, source, kind, tile_x, tile_y, tile_w, tile_h) "
-                             "FROM STDIN") as copy:
+                           "source text, kind text, tile_x integer, tile_y integer, tile_w integer, tile_h integer, "
+                           "pixel_size_um double precision) ON COMMIT DROP")
+            columns = "slide_id, source, kind, tile_x, tile_y, tile_w, tile_h, pixel_size_um"
+            with cursor.copy(f"COPY incoming ({columns}) FROM STDIN") as copy:
                 for s in specs:
-                    copy.write_row((s.slide_id, s.source, s.kind, s.x, s.y, s.width, s.height))
-            cursor.execute("INSERT INTO fields (slide_id, source, kind, tile_x, tile_y, tile_w, tile_h) "
-                           "SELECT slide_id, source, kind, tile_x, tile_y, tile_w, tile_h FROM incoming ORDER BY n "
+                    copy.write_row((s.slide_id, s.source, s.kind, s.x, s.y, s.width, s.height, s.pixel_size_um))
+            cursor.execute(f"INSERT INTO fields ({columns}) SELECT {columns} FROM incoming ORDER BY n "
                            "ON CONFLICT DO NOTHING")
             return cursor.rowcount
 
@@ -323,7 +323,7 @@ class PostgresLedger(Ledger):
                 cursor.execute(f"SELECT {_SPEC}, status, result, error, attempts, updated FROM fields {where} "
                                f"{_ORDER}", args)
                 for values in cursor:
-                    yield row_from_columns(values[0], FieldSpec(*values[1:8]), *values[8:])
+                    yield row_from_columns(values[0], FieldSpec(*values[1:9]), *values[9:])
         except psycopg.Error as error:
             raise LedgerError(f"cannot read the ledger database {self.location}: {error}") from error
 

@@ -36,7 +36,7 @@ from batch.ledger.base import (
 
 LEDGER_FILE = "ledger.sqlite"
 #: 2: the whole FieldResult as JSON in fields.result; 3: leases (lease_owner, lease_until) for claims.
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS fields (
     tile_y INTEGER NOT NULL DEFAULT 0,
     tile_w INTEGER NOT NULL DEFAULT 0,
     tile_h INTEGER NOT NULL DEFAULT 0,
+    pixel_size_um REAL,
     status TEXT NOT NULL DEFAULT '{PENDING}' CHECK (status IN ({", ".join(f"'{s}'" for s in STATES)})),
     label TEXT,
     probabilities TEXT,
@@ -77,7 +78,7 @@ CREATE INDEX IF NOT EXISTS fields_leased ON fields (lease_owner) WHERE status = 
 """
 
 _ORDER = "ORDER BY slide_id, source, tile_y, tile_x"
-_SPEC = "id, slide_id, source, kind, tile_x, tile_y, tile_w, tile_h"
+_SPEC = "id, slide_id, source, kind, tile_x, tile_y, tile_w, tile_h, pixel_size_um"
 _COLUMNS = (f"{_SPEC}, status, result, error, attempts, updated, "
             "label, probabilities, confidence, needs_review, review_reasons, cell_count, qc_flags, model_version")
 _LEGACY = ("label", "probabilities", "confidence", "needs_review", "review_reasons", "cell_count", "qc_flags",
@@ -131,13 +132,14 @@ class SQLiteLedger(Ledger):
         """Bring a ledger written by an older version to :data:`SCHEMA_VERSION` (inside the open transaction)."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         version = row[0] if row else SCHEMA_VERSION
-        if version not in ("1", "2", SCHEMA_VERSION):
+        if version not in ("1", "2", "3", SCHEMA_VERSION):
             raise LedgerError(f"{self.path} has ledger schema {version}, newer than this version's {SCHEMA_VERSION}; "
                               "upgrade hybridcn-nas to read it")
         # 1 -> 2: results were columns only; rows keep them and get a result rebuilt when read.
-        # 2 -> 3: leases. Both only add columns.
+        # 2 -> 3: leases; 3 -> 4: the pixel size of a field. Each only adds columns.
         columns = {info[1] for info in self._db.execute("PRAGMA table_info(fields)")}
-        for name, kind in (("result", "TEXT"), ("lease_owner", "TEXT"), ("lease_until", "REAL")):
+        for name, kind in (("result", "TEXT"), ("lease_owner", "TEXT"), ("lease_until", "REAL"),
+                           ("pixel_size_um", "REAL")):
             if name not in columns:
                 self._db.execute(f"ALTER TABLE fields ADD COLUMN {name} {kind}")
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -162,12 +164,12 @@ class SQLiteLedger(Ledger):
                 )
 
     def register(self, specs: Iterable[FieldSpec]) -> int:
-        rows = ((s.slide_id, s.source, s.kind, s.x, s.y, s.width, s.height) for s in specs)
+        rows = ((s.slide_id, s.source, s.kind, s.x, s.y, s.width, s.height, s.pixel_size_um) for s in specs)
         with self._transaction():
             before = self._db.total_changes
             self._db.executemany(
-                "INSERT OR IGNORE INTO fields (slide_id, source, kind, tile_x, tile_y, tile_w, tile_h) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                "INSERT OR IGNORE INTO fields (slide_id, source, kind, tile_x, tile_y, tile_w, tile_h, pixel_size_um) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             return self._db.total_changes - before
 
     def claim(self, worker: str, limit: int, lease_s: float = DEFAULT_LEASE_S) -> list[PendingField]:
@@ -260,9 +262,9 @@ class SQLiteLedger(Ledger):
 
 
 def _row(values: tuple) -> FieldRow:
-    field_id, *spec = values[:8]
-    status, stored, error, attempts, updated = values[8:13]
-    legacy = None if stored else dict(zip(_LEGACY, values[13:], strict=True))
+    field_id, *spec = values[:9]
+    status, stored, error, attempts, updated = values[9:14]
+    legacy = None if stored else dict(zip(_LEGACY, values[14:], strict=True))
     return row_from_columns(field_id, FieldSpec(*spec), status, stored, error, attempts, updated, legacy)
 
 

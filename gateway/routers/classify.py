@@ -12,6 +12,7 @@ from engine.overlays import field_images
 from gateway.dependencies import State
 from gateway.errors import ApiError
 from gateway.schemas import FieldResult, ModelInfo, Problem
+from preprocessing.scale import PIXEL_SIZE_RANGE_UM
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
@@ -48,11 +49,16 @@ async def classify_field(
     request: Request,
     state: State,
     images: bool = Query(False, description="include PNG data URLs of the field, mask and attention"),
+    pixel_size_um: float | None = Query(
+        None, ge=PIXEL_SIZE_RANGE_UM[0], le=PIXEL_SIZE_RANGE_UM[1],
+        description="um per pixel of the image; fits it at the training scale (default: measured from its red "
+                    "cells, and flagged when off)"),
 ) -> FieldResult:
     """Classify one smear field: class, four probabilities, confidence, review flag and cell count."""
     started = time.perf_counter()
     data, filename = await _read_upload(request, state.settings.max_upload_bytes)
-    prepared = await anyio.to_thread.run_sync(prepare_bytes, data, state.model, limiter=state.cpu_limiter)
+    prepared = await anyio.to_thread.run_sync(lambda: prepare_bytes(data, state.model, pixel_size_um=pixel_size_um),
+                                              limiter=state.cpu_limiter)
     infer_start = time.perf_counter()
     output = await state.client.infer(prepared.preprocessed[None])
     infer_ms = round((time.perf_counter() - infer_start) * 1000, 2)

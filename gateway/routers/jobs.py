@@ -34,6 +34,7 @@ from gateway.errors import ApiError
 from gateway.jobs_executor import JobQueue
 from gateway.report_links import make_token, token_valid
 from gateway.schemas import JobDetail, JobList, JobSummary, Problem
+from preprocessing.scale import PIXEL_SIZE_RANGE_UM
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 logger = logging.getLogger("hybridcn.jobs")
@@ -119,7 +120,8 @@ def _save_upload(source: BinaryIO, target: Path, limit: int) -> None:
         raise ApiError(400, "empty", f"{target.name} is empty (0 bytes)")
 
 
-def _create_job(state, job_id: str, uploads: list[tuple[str, BinaryIO]], slide_id: str, tile: bool) -> Path:
+def _create_job(state, job_id: str, uploads: list[tuple[str, BinaryIO]], slide_id: str, tile: bool,
+                pixel_size_um: float | None = None) -> Path:
     job_dir = _jobs_dir(state) / job_id
     inputs = job_dir / "inputs" / slide_id
     try:
@@ -128,7 +130,8 @@ def _create_job(state, job_id: str, uploads: list[tuple[str, BinaryIO]], slide_i
             _save_upload(source, inputs / name, state.settings.max_upload_bytes)
         with SQLiteLedger(job_dir / LEDGER_FILE) as ledger:
             ledger.bind_model(state.model.model_version)
-            ledger.set_meta(run_state="queued", origin="api", slide_id=slide_id, tile="always" if tile else "auto")
+            ledger.set_meta(run_state="queued", origin="api", slide_id=slide_id, tile="always" if tile else "auto",
+                            **({} if pixel_size_um is None else {"pixel_size_um": repr(pixel_size_um)}))
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
@@ -138,9 +141,11 @@ def _create_job(state, job_id: str, uploads: list[tuple[str, BinaryIO]], slide_i
 def run_job(state, job_dir: Path) -> None:
     """Run a queued job through ``hybridcn batch``'s runner on the gateway's Triton (the job queue's thread)."""
     with SQLiteLedger(job_dir / LEDGER_FILE, readonly=True) as ledger:
-        tile = ledger.get_meta().get("tile", "auto")
+        meta = ledger.get_meta()
+    pixel_size = meta.get("pixel_size_um")
     options = BatchOptions(out_dir=job_dir, repository=Path(state.settings.repository),
-                           triton_urls=(state.client.url,), tile=tile,
+                           triton_urls=(state.client.url,), tile=meta.get("tile", "auto"),
+                           pixel_size_um=None if pixel_size is None else float(pixel_size),
                            request_timeout_s=max(60.0, state.settings.triton_timeout_s))
     progress = LogProgress(lambda text: logger.info("job %s: %s", job_dir.name, text), every_s=10.0)
     try:
@@ -170,6 +175,10 @@ async def create_job(
     files: list[UploadFile] = File(description="field images (or slide images with tile=true)"),
     slide_id: str | None = Form(None, description="slide the files belong to (default 'upload')"),
     tile: bool = Form(False, description="cut every file into model-size tiles (whole-slide images)"),
+    pixel_size_um: float | None = Form(
+        None, ge=PIXEL_SIZE_RANGE_UM[0], le=PIXEL_SIZE_RANGE_UM[1],
+        description="um per pixel of the files: fields are fitted, and slides tiled, at the training scale "
+                    "(default: measured from each field's red cells)"),
 ):
     """Start a batch job on uploaded fields of one slide; poll ``GET /v1/jobs/{id}`` for its progress."""
     slide = (slide_id or DEFAULT_SLIDE_ID).strip()
@@ -190,7 +199,7 @@ async def create_job(
     job_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     job_dir = await anyio.to_thread.run_sync(
         _create_job, state, job_id, [(name, upload.file) for name, upload in zip(names, files, strict=True)], slide,
-        tile)
+        tile, pixel_size_um)
     state.jobs.enqueue(job_dir)
     logger.info("job %s: %d files of slide %r queued", job_id, len(names), slide)
     response.headers["Location"] = f"/v1/jobs/{job_id}"

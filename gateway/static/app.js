@@ -172,8 +172,11 @@
     if (reason === "no cells segmented") return "No cells were found by the segmentation.";
     m = /^out_of_distribution: score ([\d.]+)/.exec(reason);
     if (m) return `Out of distribution (score ${(+m[1]).toFixed(2)}; over 1 means unlike the fields the model was trained on): the answer may not apply to this image.`;
-    m = /^scale_out_of_range: cell scale ([\d.]+) px, training fields ([\d.]+)-([\d.]+) px/.exec(reason);
+    m = /^scale_adjusted: red cells ([\d.]+) px across, training fields ([\d.]+)-([\d.]+) px; field resized x([\d.]+)/.exec(reason);
+    if (m) return `Another magnification: red cells ${m[1]} px across (training ${m[2]}-${m[3]} px), so the field was resized ×${m[4]} before analysis. Give the pixel size to skip this check.`;
+    m = /^scale_out_of_range: (?:red cells|texture scale) ([\d.]+) px(?: across)?, training fields ([\d.]+)-([\d.]+) px/.exec(reason);
     if (m) return `Cell size out of range (${m[1]} px, training ${m[2]}-${m[3]} px): another magnification, or not a smear field.`;
+    if (reason.startsWith("scale_unknown")) return "The magnification could not be measured (too few cells): give the pixel size.";
     return reason;
   }
 
@@ -240,9 +243,11 @@
     const form = new FormData();
     form.append("file", file, file.name || "pasted.png");
     const started = performance.now();
+    const pixelSize = $("pixel-size").valueAsNumber;
+    const query = Number.isFinite(pixelSize) && pixelSize > 0 ? `&pixel_size_um=${pixelSize}` : "";
     let response;
     try {
-      response = await apiFetch("v1/classify?images=true", { method: "POST", body: form, headers: { Accept: "application/json" } });
+      response = await apiFetch(`v1/classify?images=true${query}`, { method: "POST", body: form, headers: { Accept: "application/json" } });
     } catch (error) {
       showError(card, file, { code: "network", detail: String(error.message || error), status: 0 });
       return;
@@ -433,10 +438,16 @@
       typeof qc.sharpness === "number" ? `sharpness ${qc.sharpness.toFixed(0)}` : null,
       typeof qc.saturated_fraction === "number" ? `saturated ${pct(qc.saturated_fraction, 1)}` : null,
     ].filter(Boolean).join(" · ");
+    const scaleText = [
+      typeof result.pixel_size_um === "number" ? `${result.pixel_size_um.toFixed(3)} µm/px` : null,
+      typeof result.scale === "number" ? `red cells ${result.scale.toFixed(1)} px` : null,
+      typeof result.rescaled_by === "number" ? `resized ×${result.rescaled_by.toFixed(2)}` : null,
+    ].filter(Boolean).join(" · ");
     return h("p", { class: "card-foot" },
       h("span", {}, `Model ${result.model_version || "unknown"}`),
       timings ? h("span", {}, `Timings: ${timings}`) : null,
-      qcText ? h("span", {}, `Field QC: ${qcText}`) : null);
+      qcText ? h("span", {}, `Field QC: ${qcText}`) : null,
+      scaleText ? h("span", { class: "scale-info" }, `Scale: ${scaleText}`) : null);
   }
 
   function updateSummary() {

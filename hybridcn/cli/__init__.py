@@ -160,7 +160,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from hybridcn.cli.local import classify_files
 
     return classify_files([Path(p) for p in args.files], repository=Path(args.repository), triton=args.triton,
-                          as_json=args.json, csv_path=Path(args.csv) if args.csv else None, progress=args.progress)
+                          as_json=args.json, csv_path=Path(args.csv) if args.csv else None, progress=args.progress,
+                          pixel_size_um=args.pixel_size)
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
@@ -182,6 +183,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from batch.cli import add_batch_arguments, add_reports_arguments, pixel_size_arg
+
     parser = argparse.ArgumentParser(prog="hybridcn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     profiles = sorted(PROFILES)
@@ -297,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="PATH", help="field images, or folders of them (searched recursively)")
     p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="Triton model repository")
     p.add_argument("--triton", help="HOST:PORT of a running Triton gRPC endpoint")
+    p.add_argument("--pixel-size", type=pixel_size_arg, metavar="UM",
+                   help="um per pixel of the images (default: measured from their red cells)")
     output = p.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true",
                         help="JSON Lines on stdout: one FieldResult per line (the API's fields plus filename); "
@@ -309,8 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="classify whole slide queues (resumable; results.csv, slides.csv/json, HTML)",
                        description="Classify every field of the INPUTs into DIR. Resumable: after a crash, rerun "
                        "the same command and it finishes the rest; each field appears once in DIR/results.csv.")
-    from batch.cli import add_batch_arguments, add_reports_arguments
-
     add_batch_arguments(p, default_repository=DEFAULT_REPOSITORY)
     p.set_defaults(func=_cmd_batch)
 

@@ -65,20 +65,27 @@ def _connect(url: str, *, timeout_s: float = 10.0) -> TritonClient:
 
 def _csv_header(classes: tuple[str, ...]) -> list[str]:
     return ["file", "label", *(f"p_{c}" for c in classes), "confidence", "needs_review", "review_reasons",
-            "review_threshold", "cell_count", "ood_score", "qc_flags", "model_version", "error"]
+            "review_threshold", "cell_count", "ood_score", "red_cell_px", "pixel_size_um", "rescaled_by", "qc_flags",
+            "model_version", "error"]
 
 
 def _csv_row(name: str, result: FieldResult | None, classes: tuple[str, ...], error: str = "") -> list:
     if result is None:
-        return [name, "", *([""] * len(classes)), "", "", "", "", "", "", "", "", error]
+        return [name, "", *([""] * len(classes)), *([""] * 11), error]
     return [name, result.label, *(f"{result.probabilities[c]:.6f}" for c in classes), f"{result.confidence:.6f}",
             int(result.needs_review), "; ".join(result.review_reasons), result.review_threshold, result.cell_count,
-            "" if result.ood_score is None else result.ood_score, ";".join(result.qc.flags), result.model_version, ""]
+            *("" if v is None else v
+              for v in (result.ood_score, result.scale, result.pixel_size_um, result.rescaled_by)),
+            ";".join(result.qc.flags), result.model_version, ""]
 
 
 def classify_files(paths: list[Path], *, repository: Path, triton: str | None = None, as_json: bool = False,
-                   csv_path: Path | None = None, progress: bool | None = None) -> int:
+                   csv_path: Path | None = None, progress: bool | None = None,
+                   pixel_size_um: float | None = None) -> int:
     """Classify files and folders of fields; a bad file is reported and the rest go on.
+
+    ``pixel_size_um`` (um per pixel of every file) fits them at the training scale without measuring
+    their red cells.
 
     Output: one line per field on stdout (JSON Lines with ``as_json``: each line a ``FieldResult`` plus
     ``filename``), or a CSV file. Exit status 0, or 1 when any file failed.
@@ -97,7 +104,7 @@ def classify_files(paths: list[Path], *, repository: Path, triton: str | None = 
             try:
                 for path in tqdm(files, desc="classify", unit="field", disable=not show_progress, file=sys.stderr):
                     try:
-                        prepared = prepare_bytes(path.read_bytes(), model)
+                        prepared = prepare_bytes(path.read_bytes(), model, pixel_size_um=pixel_size_um)
                         started = time.perf_counter()
                         output = client.infer(prepared.preprocessed[None])
                     except (InvalidImageError, OSError) as error:

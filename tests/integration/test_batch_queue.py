@@ -167,3 +167,22 @@ def test_a_large_slide_image_is_tiled_and_background_skipped(triton_server, mode
     with open(tmp_path / "out" / "slides.csv", newline="") as handle:
         (only,) = list(csv.DictReader(handle))
     assert (only["done"], only["background_skipped"]) == ("5", "4")
+
+
+def test_a_manifest_pixel_size_tiles_a_slide_in_training_fields(triton_server, model, tmp_path):
+    size = model.field_size
+    fields = [synth_field(i % 4, seed=300 + i).image for i in range(2)]
+    image = np.kron(np.concatenate(fields, axis=1), np.ones((2, 2, 1), np.uint8))  # a 2x objective: 448 px a field
+    slide = tmp_path / "fine.tif"
+    tifffile.imwrite(slide, image, photometric="rgb", compression="zlib", tile=(256, 256))
+    pixel_size = model.manifest.ood.pixel_size_um / 2
+    manifest = tmp_path / "queue.csv"
+    manifest.write_text(f"slide_id,path,pixel_size_um\nfine,{slide.name},{pixel_size}\n")
+    summary = run_batch([manifest], BatchOptions(out_dir=tmp_path / "out", repository=REPOSITORY, tile="always",
+                                                 triton_urls=(triton_server.grpc_url,), workers=1, gallery_size=0))
+    assert summary.counts[DONE] == 2
+    rows = _results(tmp_path / "out")
+    assert {(int(r["tile_x"]), int(r["tile_w"])) for r in rows} == {(0, 2 * size), (2 * size, 2 * size)}
+    assert all(float(r["pixel_size_um"]) == pytest.approx(pixel_size, rel=1e-3) for r in rows)
+    assert {r["rescaled_by"] for r in rows} == {""}  # tiles of one training field each need no resizing
+    assert not any("scale_" in r["review_reasons"] for r in rows)

@@ -68,8 +68,9 @@ def test_rest_and_both_ensembles_agree_and_the_raw_one_answers_completely(gatewa
         expected = np.array([rest["probabilities"][c] for c in model.classes])
         assert np.abs(raw.as_numpy("probabilities")[0] - expected).max() <= 1e-5, name
         assert np.abs(uint8 - expected).max() <= 1e-5, name
-        for key in ("label", "needs_review", "review_threshold", "qc", "cell_count", "cells", "model_version", "scale"):
-            assert served[key] == rest[key], (name, key)
+        for key in ("label", "needs_review", "review_threshold", "qc", "cell_count", "cells", "model_version", "scale",
+                    "pixel_size_um", "rescaled_by"):
+            assert served.get(key) == rest.get(key), (name, key)
         assert [r.split(":")[0] for r in served["review_reasons"]] == [r.split(":")[0] for r in rest["review_reasons"]]
         assert abs(served["ood_score"] - rest["ood_score"]) <= 1e-3 * max(1.0, rest["ood_score"])
         assert np.abs(np.array([served["probabilities"][c] for c in model.classes]) - expected).max() <= 1e-5

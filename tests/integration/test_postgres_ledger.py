@@ -23,7 +23,7 @@ from batch.ledger import (
     open_ledger,
     redact_url,
 )
-from batch.ledger.postgres import SCHEMA_VERSION
+from batch.ledger.postgres import MIGRATIONS, SCHEMA_VERSION
 from hybridcn.contracts import FieldQCResult, FieldResult
 
 pytestmark = pytest.mark.integration
@@ -65,7 +65,8 @@ def test_schema_is_migrated_once_even_by_workers_starting_together(queue_url):
         thread.join(timeout=60)
     assert errors == []
     with psycopg.connect(queue_url) as connection:
-        assert connection.execute("SELECT version FROM schema_migrations").fetchall() == [(SCHEMA_VERSION,)]
+        applied = connection.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+        assert applied == [(version,) for version, _ in MIGRATIONS] and applied[-1] == (SCHEMA_VERSION,)
         connection.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
     with pytest.raises(LedgerError, match="newer than this version"):
         PostgresLedger(queue_url)
@@ -74,7 +75,8 @@ def test_schema_is_migrated_once_even_by_workers_starting_together(queue_url):
 def test_register_streams_is_idempotent_and_all_or_nothing(ledger):
     assert ledger.register(iter(_specs(50))) == 50
     assert ledger.register(iter(_specs(60))) == 10
-    assert ledger.register(_specs(5) + [FieldSpec("S9", "/x/t.tif", TILE, 0, 224, 224, 224)]) == 1
+    assert ledger.register(_specs(5) + [FieldSpec("S9", "/x/t.tif", TILE, 0, 224, 224, 224, 0.21)]) == 1
+    assert [r.spec.pixel_size_um for r in ledger.iter_rows() if r.spec.slide_id == "S9"] == [0.21]
 
     def broken():
         yield FieldSpec("S8", "/x/new.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
@@ -217,3 +218,29 @@ def test_cli_classify_reports_bad_files_and_continues(triton_server, fields, tmp
     assert result.returncode == 1
     assert "good.png" in result.stdout and '"label"' in result.stdout
     assert "bad.jpg" in result.stderr and "not_an_image" in result.stderr
+
+
+def test_a_stated_pixel_size_fits_the_field_at_the_training_scale_over_rest_and_cli(gateway, triton_server, fields,
+                                                                                   model, tmp_path):
+    training_um = model.manifest.ood.pixel_size_um
+    zoomed = np.ascontiguousarray(np.kron(fields[2][56:168, 56:168], np.ones((2, 2, 1), np.uint8)))  # 2x objective
+    png = encode(zoomed)
+    stated = httpx.post(f"{gateway.url}/v1/classify", params={"pixel_size_um": training_um / 2}, content=png,
+                        timeout=60).json()
+    assert stated["rescaled_by"] == pytest.approx(0.5) and stated["pixel_size_um"] == pytest.approx(training_um / 2,
+                                                                                                    rel=1e-3)
+    assert not any(r.startswith("scale_") for r in stated["review_reasons"])
+    measured = httpx.post(f"{gateway.url}/v1/classify", content=png, timeout=60).json()
+    assert any(r.startswith("scale_adjusted: red cells") for r in measured["review_reasons"]), measured
+    refused = httpx.post(f"{gateway.url}/v1/classify", params={"pixel_size_um": 0}, content=png, timeout=60)
+    assert refused.status_code == 422 and "pixel_size_um" in refused.text
+    path = tmp_path / "zoomed.png"
+    path.write_bytes(png)
+    result = subprocess.run([sys.executable, "-m", "hybridcn.cli", "classify", str(path), "--triton",
+                             triton_server.grpc_url, "--json", "--pixel-size", str(training_um / 2)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rescaled_by"] == pytest.approx(0.5)
+    wrong = subprocess.run([sys.executable, "-m", "hybridcn.cli", "classify", str(path), "--pixel-size", "-2"],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "outside" in wrong.stderr

@@ -177,6 +177,24 @@ def test_csv_manifest_with_files_and_folders(tmp_path):
                                                                  ("C", "c1.png")]
 
 
+def test_manifest_pixel_sizes_reach_every_field_and_size_the_tiles(tmp_path):
+    _write(tmp_path / "a.png", _field(0))
+    _write(tmp_path / "folder" / "b.png", _field(1))
+    _write(tmp_path / "slide.png", np.random.default_rng(0).integers(0, 255, (900, 900, 3), dtype=np.uint8))
+    manifest = tmp_path / "queue.csv"
+    manifest.write_text("slide_id,path,pixel_size_um\nA,a.png,0.25\nB,folder,\nS,slide.png,0.5\n")
+    options = DiscoveryOptions(tile="auto", max_field_pixels=500_000, pixel_size_um=0.3, training_pixel_size_um=0.25)
+    specs = discover([manifest], options)
+    assert {Path(s.source).name: s.pixel_size_um for s in specs} == {"a.png": 0.25, "b.png": 0.3, "slide.png": 0.5}
+    tiles = [s for s in specs if s.kind == TILE]
+    # at twice the training pixel size a training field is half as many slide pixels across
+    assert {(s.width, s.height) for s in tiles} == {(112, 112)} and len(tiles) == len(tile_grid(900, 900, 112))
+    assert options.tile_side(None) == 224 and DiscoveryOptions(pixel_size_um=0.5).tile_side(0.5) == 224
+    manifest.write_text("slide_id,path,pixel_size_um\nA,a.png,-1\nA,a.png,big\n")
+    with pytest.raises(InputError, match=r"line 2: pixel size -1 um is outside .*line 3: could not convert"):
+        discover([manifest], DiscoveryOptions())
+
+
 def test_manifest_problems_are_reported_with_line_numbers(tmp_path):
     manifest = tmp_path / "queue.csv"
     manifest.write_text("slide_id,path\nA,missing.png\n,x.png\n")

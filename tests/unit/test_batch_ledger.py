@@ -133,3 +133,20 @@ def test_a_full_disk_rolls_the_whole_write_back_and_says_so(ledger):
     assert ledger.counts()[PENDING] == 5  # none of the 2000, not some of them
     ledger.record([_done(ledger.pending()[0].field_id)])  # small writes still fit
     assert ledger.counts()[DONE] == 1
+
+
+def test_a_pixel_size_is_kept_and_a_schema_3_ledger_gains_its_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite"
+    with SQLiteLedger(path) as ledger:
+        ledger.register([FieldSpec("S", "/a.png", pixel_size_um=0.31), FieldSpec("S", "/b.png")])
+        assert [p.spec.pixel_size_um for p in ledger.pending()] == [0.31, None]
+    db = sqlite3.connect(path)  # rewind to schema 3: no pixel_size_um column
+    db.execute("ALTER TABLE fields DROP COLUMN pixel_size_um")
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    with SQLiteLedger(path) as ledger:
+        assert [p.spec.pixel_size_um for p in ledger.pending()] == [None, None]
+        assert ledger.get_meta()["schema"] == "4"

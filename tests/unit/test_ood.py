@@ -73,4 +73,29 @@ def test_the_shipped_model_flags_a_synthetic_field_and_says_why():
 def test_without_a_fitted_check_there_is_no_score():
     model = ServedModel.from_repository(ROOT / "model_repository")
     bare = replace(model, manifest=model.manifest.model_copy(update={"ood": None}))
-    assert out_of_distribution(bare, np.zeros(len(STATISTICS), np.float32), np.ones((1, 1))) == (None, None, [])
+    assert out_of_distribution(bare, np.zeros(len(STATISTICS), np.float32), np.ones((1, 1))) == (None, [])
+
+
+def test_the_shipped_model_fits_a_field_at_the_training_scale_from_a_stated_or_measured_pixel_size():
+    model = ServedModel.from_repository(ROOT / "model_repository")
+    check = model.manifest.ood
+    assert check.red_cell_diameter is not None
+    assert check.pixel_size_um == pytest.approx(7.5 / check.red_cell_diameter[1])
+    field = synth_field(1, seed=4, size=224).image
+    zoomed = cv2.resize(field[56:168, 56:168], (224, 224), interpolation=cv2.INTER_LINEAR)  # twice the magnification
+    ensemble = OnnxEnsemble(ROOT / "model_repository")
+
+    def classify(image: np.ndarray, **kwargs):
+        prepared = prepare_array(image, model, **kwargs)
+        return interpret(prepared, ensemble.infer(prepared.preprocessed[None]), model), prepared
+
+    measured, _ = classify(zoomed)
+    assert any(r.startswith("scale_adjusted: red cells") for r in measured.review_reasons)
+    assert 0.4 < measured.rescaled_by < 0.7 and measured.scale > check.red_cell_diameter[2]
+    stated, prepared = classify(zoomed, pixel_size_um=check.pixel_size_um / 2)
+    assert stated.rescaled_by == pytest.approx(0.5) and stated.pixel_size_um == pytest.approx(check.pixel_size_um / 2,
+                                                                                              rel=1e-3)
+    assert not any(r.startswith("scale_") for r in stated.review_reasons) and stated.scale is None
+    assert prepared.display.shape == (224, 224, 3) and prepared.original.shape == (112, 112, 3)
+    plain, _ = classify(field, pixel_size_um=check.pixel_size_um)  # at the training pixel size nothing is resized
+    assert plain.rescaled_by is None
