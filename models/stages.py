@@ -39,6 +39,20 @@ def segmented_input(normalized: torch.Tensor, mask_probability: torch.Tensor, *,
     return normalized * mask_probability
 
 
+def smooth_mask(probability: torch.Tensor) -> torch.Tensor:
+    """``(N, 1, H, W)`` mask probability under a 3 x 3 binomial filter ([1, 2, 1] / 4 each way, edges replicated).
+
+    The U-Net's stride-2 transposed convolutions leave a period-2 pattern in its output (Odena et al.,
+    "Deconvolution and checkerboard artifacts", Distill 2016): the shipped one alternates neighbouring
+    columns of the background by about 38 of 255. This filter's response at period 2 is exactly zero, and
+    it moves an edge by less than a pixel. It applies to the served ``mask`` only (what people see and
+    the watershed counts); the backbones keep the probability they were trained with.
+    """
+    taps = torch.tensor([0.25, 0.5, 0.25], dtype=probability.dtype, device=probability.device)
+    kernel = (taps[:, None] * taps[None, :]).view(1, 1, 3, 3)
+    return F.conv2d(F.pad(probability, (1, 1, 1, 1), mode="replicate"), kernel)
+
+
 def to_uint8_map(probability: torch.Tensor) -> torch.Tensor:
     return torch.round(torch.clamp(probability, 0, 1) * 255.0).to(torch.uint8)
 
@@ -72,7 +86,7 @@ class SegmentationStage(nn.Module):
         probability = torch.sigmoid(logits)
         attention = F.interpolate(gates[-1], size=normalized.shape[-2:], mode="bilinear", align_corners=False)
         segmented = segmented_input(normalized, probability, hard=self.hard_gate) if self.use_mask else normalized
-        return to_uint8_map(probability[:, 0]), to_uint8_map(attention[:, 0]), segmented
+        return to_uint8_map(smooth_mask(probability)[:, 0]), to_uint8_map(attention[:, 0]), segmented
 
 
 def segmentation_stage(profile, *, use_mask: bool = True) -> SegmentationStage:

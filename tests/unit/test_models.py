@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,35 @@ def test_a_profile_separates_the_field_in_scanner_pixels_from_the_network_input(
     older = compact.to_dict()
     del older["field_size"]  # manifests exported before the field existed were all 224 px fields
     assert Profile.from_dict(older).field_size == 224
+
+
+def test_the_mask_filter_removes_the_period_two_pattern_and_keeps_a_flat_mask():
+    from models.stages import smooth_mask
+
+    stripes = torch.zeros(1, 1, 8, 8)
+    stripes[..., 1::2] = 1.0  # every other column, as the shipped U-Net's background had it
+    smoothed = smooth_mask(stripes)
+    assert smoothed.shape == stripes.shape
+    assert torch.allclose(smoothed[..., 1:-1, 1:-1], torch.full((1, 1, 6, 6), 0.5))
+    flat = torch.full((1, 1, 5, 7), 0.3)
+    assert torch.allclose(smooth_mask(flat), flat)
+
+
+def test_the_shipped_segmentation_graph_serves_the_filtered_mask(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from export.graph_patches import add_mask_filter, patch_repository
+    from models.stages import smooth_mask, to_uint8_map
+
+    repository = Path(__file__).resolve().parents[2] / "model_repository"
+    model = onnx.load(repository / "segmentation" / "1" / "model.onnx")
+    assert not add_mask_filter(model)  # the shipped graph has it, once
+    pad = next(node for node in model.graph.node if node.op_type == "Pad" and "mask" in node.name)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(pad.input[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    field = np.random.default_rng(0).integers(0, 255, (2, 112, 112, 3), dtype=np.uint8)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": field}), strict=True))
+    expected = to_uint8_map(smooth_mask(torch.from_numpy(outputs[pad.input[0]]))[:, 0]).numpy()
+    assert np.abs(outputs["mask"].astype(int) - expected).max() <= 1
+    assert not patch_repository(repository)  # idempotent: the file is left alone

@@ -200,6 +200,11 @@ def test_onnx_export_parity(trained, tmp_path):
     assert set(paths) == {"segmentation", "features", "head"}
     assert parity["head"]["probabilities"] <= 1e-5
     assert parity["segmentation"]["mask"] <= 1  # uint8 maps: at most one rounding step
+    import onnx
+
+    from export.graph_patches import add_mask_filter
+
+    assert not add_mask_filter(onnx.load(paths["segmentation"]))  # exported with the mask filter already
 
 
 @pytest.mark.parametrize("target", ["embedded", "gpu"])
