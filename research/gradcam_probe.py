@@ -34,6 +34,7 @@ from engine.model import ServedModel  # noqa: E402
 from export.runtime import onnx_session  # noqa: E402
 from hybridcn.profiles import Profile  # noqa: E402
 from models import create_model  # noqa: E402
+from research.gradcam import GradCam  # noqa: E402
 from training.data import find_samples, read_rgb  # noqa: E402
 
 REPOSITORY = ROOT / "model_repository"
@@ -72,7 +73,10 @@ def main() -> int:
     check = onnx_session(REPOSITORY / "head" / "1" / "model.onnx")
     everything = find_samples(args.data)
     samples = [s for c in range(4) for s in [s for s in everything if s.label == c][: args.per_class]]
-    ratios = {"gradcam": [], "unet_gate": []}
+    hires = GradCam.from_repository(REPOSITORY, model.manifest)
+    ratios = {"gradcam": [], "unet_gate": [], "hirescam_stage1": []}
+    deletion = {"top": [], "random": []}
+    rng = np.random.default_rng(0)
     parity = 0.0
     for sample in samples:
         prepared = prepare_array(read_rgb(sample.path), model)
@@ -94,14 +98,29 @@ def main() -> int:
             cam = F.interpolate(cam, size=mask.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
             cams.append(cam / cam.max() if cam.max() > 0 else cam)
         cam = ((cams[0] + cams[1]) / 2).detach().numpy()
+        fine = hires.explain(segmented, pooled)[0].astype(np.float32)
         inside = mask[0] > 127
         if inside.any() and (~inside).any():
-            for name, values in (("gradcam", cam), ("unet_gate", gate[0].astype(np.float32))):
+            for name, values in (("gradcam", cam), ("unet_gate", gate[0].astype(np.float32)),
+                                 ("hirescam_stage1", fine)):
                 ratios[name].append(values[inside].mean() / max(values[~inside].mean(), 1e-6))
+        # deletion (Petsiuk et al., BMVC 2018): blank the top 10% of the map in the backbones' input, or as
+        # many random pixels; a map that shows what the answer rests on costs the answer more
+        label = int(expected[0].argmax())
+        count = fine.size // 10
+        for name, chosen in (("top", np.argsort(fine.reshape(-1))[-count:]),
+                             ("random", rng.choice(fine.size, count, replace=False))):
+            blanked = segmented.copy().reshape(1, 3, -1)
+            blanked[..., chosen] = 0.0
+            features_now = features.run(None, {"segmented_image": blanked.reshape(segmented.shape)})[0]
+            probability = check.run(None, {"features": features_now})[0][0, label]
+            deletion[name].append(float(expected[0, label] - probability))
     print(f"fields {len(samples)}; rebuilt head vs ONNX max abs diff {parity:.2e}")
     for name, values in ratios.items():
         values = np.array(values)
-        print(f"{name:<10} inside/outside: median {np.median(values):.2f}, share >= 2x {np.mean(values >= 2):.1%}")
+        print(f"{name:<16} inside/outside: median {np.median(values):.2f}, share >= 2x {np.mean(values >= 2):.1%}")
+    print(f"deletion of the top 10% of the HiResCAM map: the answer's probability falls by "
+          f"{np.mean(deletion['top']):.4f} on average; of 10% random pixels: {np.mean(deletion['random']):.4f}")
     return 0
 
 
