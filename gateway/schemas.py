@@ -47,6 +47,8 @@ class ModelInfo(BaseModel):
     review_threshold: float
     review_target_precision: float | None = None
     preprocessing: list[str]
+    pixel_size_um: float | None = Field(None, description="um per field pixel of the training fields (from their "
+                                        "red cells); fields are fitted to it (null: the model has no scale check)")
 
 
 class JobSummary(BaseModel):

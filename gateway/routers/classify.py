@@ -93,4 +93,5 @@ async def get_model(state: State) -> ModelInfo:
                      image_size=model.image_size, field_size=model.field_size,
                      review_threshold=model.review_threshold,
                      review_target_precision=manifest.review_target_precision,
-                     preprocessing=model.preprocess.steps())
+                     preprocessing=model.preprocess.steps(),
+                     pixel_size_um=None if manifest.ood is None else manifest.ood.pixel_size_um)

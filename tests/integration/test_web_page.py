@@ -152,6 +152,28 @@ def test_page_classifies_a_field_and_switches_overlays(browsing, gateway, field_
     assert any(url.endswith("/v1/classify?images=true") for url in browsing.requests)
 
 
+def test_a_field_at_another_magnification_is_explained_and_a_stated_pixel_size_is_sent(browsing, gateway, fields,
+                                                                                      tmp_path):
+    from playwright.sync_api import expect
+
+    zoomed = tmp_path / "zoomed.png"  # twice the magnification: the centre enlarged
+    zoomed.write_bytes(_png(np.ascontiguousarray(np.kron(fields[2][56:168, 56:168], np.ones((2, 2, 1), np.uint8)))))
+    page = _open(browsing)
+    page.set_input_files("#file-input", str(zoomed))
+    card = page.locator(".result").first
+    expect(card).to_have_attribute("data-state", "done", timeout=60_000)
+    expect(card.locator(".review-reasons")).to_contain_text("Another magnification: red cells")
+    expect(card.locator(".scale-info")).to_contain_text("resized ×")
+    training_um = httpx.get(f"{gateway.url}/v1/model", timeout=10).json()["pixel_size_um"]
+    page.get_by_label("Pixel size").fill(f"{training_um / 2:.4f}")  # the 2x objective's pixel size
+    page.set_input_files("#file-input", str(zoomed))
+    stated = page.locator(".result").nth(1)
+    expect(stated).to_have_attribute("data-state", "done", timeout=60_000)
+    expect(stated.locator(".scale-info")).to_contain_text("µm/px")
+    assert "Another magnification" not in " ".join(stated.locator(".review-reasons").all_text_contents())
+    assert any("pixel_size_um=" in url for url in browsing.requests)
+
+
 def test_bad_files_are_explained_in_plain_words(browsing, tmp_path, artifacts_dir):
     from playwright.sync_api import expect
 
