@@ -369,7 +369,7 @@
       } else if (layer === "attention") {
         overlay.src = images.attention || "";
         overlay.alt = `Attention U-Net attention map overlaid on ${name}`;
-        legend.replaceChildren(h("span", { class: "legend-text", text: "Attention: low" }),
+        legend.replaceChildren(h("span", { class: "legend-text", text: "U-Net attention gate (not what decided the class): low" }),
           h("span", { class: "legend-ramp", "aria-hidden": "true" }), h("span", { class: "legend-text", text: "high" }));
       } else {
         legend.replaceChildren(h("span", { class: "legend-text", text: "No overlay" }));
