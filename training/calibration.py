@@ -77,6 +77,26 @@ def crossfit_calibration(labels: np.ndarray, logits: np.ndarray, fold_ids: np.nd
     }
 
 
+def crossfit_scores(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray, scored: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``scored`` logits (the same fields, e.g. under a stain shift) calibrated group by group.
+
+    Each group (a fold, or a block within one fold) gets the temperature and review threshold fitted on
+    the other groups' clean ``logits``, as :func:`crossfit_calibration` does; returns the calibrated
+    probabilities and whether each field is accepted (not sent to review).
+    """
+    probabilities = np.empty_like(scored, dtype=np.float64)
+    accepted = np.zeros(len(labels), bool)
+    for group in np.unique(groups):
+        test = groups == group
+        temperature = fit_temperature(labels[~test], logits[~test])
+        threshold = review_threshold(labels[~test], softmax(logits[~test] / temperature),
+                                     target_precision=TARGET_PRECISION)["threshold"]
+        probabilities[test] = softmax(scored[test].astype(np.float64) / temperature)
+        accepted[test] = probabilities[test].max(axis=1) >= threshold
+    return probabilities, accepted
+
+
 def json_safe(value: Any) -> Any:
     """JSON-safe copy: NaN becomes null (strict JSON has no NaN), numpy scalars become Python numbers."""
     if isinstance(value, dict):

@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from hybridcn.profiles import Profile
 from preprocessing import fit_field
+from preprocessing.shifts import SHIFTS, shift_field
 from preprocessing.stain import background_colour, corner_box, foreground_mask
 from training.data import Sample, block_folds, block_groups, clean_mask, find_samples, random_folds, read_rgb
 from training.metrics import classification_metrics
@@ -203,6 +204,7 @@ def crossvalidate(
             if variant == "full" or ABLATIONS[variant][0]:  # the full model and every preprocessing variant
                 entry["shortcut_robustness"] = background_swap_accuracy(model, data, test, variant_options)
             if variant == "full":
+                entry["shifted_logits"] = shifted_logits(model, data, test, variant_options)
                 full_model = model
                 _save_model(model, full_checkpoint(out_dir, split, fold))
                 test_masks = data.masks[test]
@@ -261,6 +263,30 @@ def _fold_full_model(data: Dataset, profile: Profile, options: TrainOptions, out
         log(f"[{split} fold {fold}] retrained full: acc {accuracy:.4f} "
             f"(stored {fold_results['full']['metrics']['accuracy']:.4f})")
     return model
+
+
+#: Seed of the stain and camera shifts scored on every fold's held-out fields.
+SHIFT_SEED = 0
+
+
+def shifted_logits(model: TrainedModel, data: Dataset, test: np.ndarray, options: TrainOptions, *,
+                   seed: int = SHIFT_SEED) -> dict[str, list]:
+    """Logits of the held-out fields under each seeded stain and camera shift (:mod:`preprocessing.shifts`).
+
+    Each field is read again at its own size, shifted there (as a lab's stain or camera would change it,
+    and as ``hybridcn evaluate --shift`` does) and then fitted to the model's size; the amount is drawn
+    from the seed and the field's index in the dataset. ``hybridcn report`` turns these into the shift
+    benchmark of the out-of-fold fields, calibrated as the clean ones are.
+    """
+    indices = np.nonzero(test)[0]
+    originals = [read_rgb(data.samples[i].path) for i in indices]
+    size = model.profile.image_size
+    out: dict[str, list] = {"seed": seed}
+    for kind in SHIFTS:
+        fields = np.stack([fit_field(shift_field(rgb, kind, seed=seed, field=int(i))[0], size)
+                           for rgb, i in zip(originals, indices, strict=True)])
+        out[kind] = predict(model, fields, options)["logits"].tolist()
+    return out
 
 
 def background_swap_accuracy(model: TrainedModel, data: Dataset, test: np.ndarray, options: TrainOptions) -> dict:

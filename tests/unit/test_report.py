@@ -287,3 +287,32 @@ def test_a_baseline_study_is_compared_fold_by_fold_and_over_blocks(tmp_path: Pat
     (baseline / "cv" / "cv_block.json").write_text(json.dumps(cv))
     with pytest.raises(ValueError, match="not the same fields and folds"):
         write_report(study, tmp_path / "docs", bootstrap_rounds=20, baseline=baseline)
+
+
+def test_the_shift_benchmark_is_reported_calibrated_on_the_other_folds(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    write_report(study, tmp_path / "before", bootstrap_rounds=20)
+    assert "No shifted scores stored" in (tmp_path / "before" / "results.md").read_text()
+    cv_path = study / "cv" / "cv_block.json"
+    cv = json.loads(cv_path.read_text())
+    rng = np.random.default_rng(5)
+    labels = np.asarray(cv["labels"])
+    from preprocessing.shifts import SHIFTS
+
+    for fold in ("0", "1", "2"):
+        entry = cv["folds"][fold]["full"]
+        clean = np.asarray(entry["logits"])
+        shifted = {kind: clean.tolist() for kind in SHIFTS}  # no kind moves a field...
+        blue = clean.copy()
+        wrong = rng.random(len(blue)) < 0.25  # ...but blue: a quarter of the fields go to another class
+        index = np.asarray(entry["index"])
+        blue[wrong, (labels[index][wrong] + 1) % 4] += 20.0
+        shifted["hue_blue"] = blue.tolist()
+        entry["shifted_logits"] = {"seed": 0, **shifted}
+    cv_path.write_text(json.dumps(cv))
+    write_report(study, tmp_path / "after", bootstrap_rounds=20)
+    section = (tmp_path / "after" / "results.md").read_text().split("## 9. Stain and camera shifts")[1]
+    assert "Folds 0, 1, 2 (120 fields)" in section and "leaving one fold out" in section
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in section.splitlines() if line.startswith("| ")}
+    assert rows["contrast"][1].strip() == "+0.00" and rows["contrast"][0] == rows["none"][0]
+    assert float(rows["hue blue"][1]) > 15  # the drop in points

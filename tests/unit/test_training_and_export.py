@@ -370,6 +370,11 @@ def test_crossvalidation_records_variants_and_resumes(tmp_path):
     assert set(fold["full"]["shortcut_robustness"]) == {"as_is", "corner_blanked", "background_replaced",
                                                         "background_recoloured", "recoloured_predicted_as_donor_class"}
     assert 0 <= fold["full"]["segmentation"]["dice"] <= 1
+    from preprocessing.shifts import SHIFTS
+
+    shifted = fold["full"]["shifted_logits"]  # every shift kind, one logit row per held-out field
+    assert set(shifted) == {"seed", *SHIFTS} and all(np.asarray(shifted[k]).shape == (160, 4) for k in SHIFTS)
+    assert "shifted_logits" not in fold["mlp_head"]
     again = crossvalidate(data, get_profile("tiny"), options, out, variants=["full", "mlp_head"], folds=2,
                           max_folds=1, log=lambda message: pytest.fail(f"should not retrain: {message}"))
     assert again["folds"]["0"]["full"]["logits"] == fold["full"]["logits"]
