@@ -695,6 +695,24 @@ def _shift_section(full: dict[int, FoldResult], groups: np.ndarray | None) -> li
                          "Wrong, not flagged"], rows), ""]
 
 
+def _ood_section(report: dict | None) -> list[str]:
+    """Section 10: the served model's out-of-distribution check, as ``hybridcn ood`` measured it when fitted."""
+    md = ["## 10. Out-of-distribution and magnification check (served model)", ""]
+    if not report:
+        return md + ["No check given (`--repository` of a model fitted with `hybridcn ood`).", ""]
+    md.append(f"Fitted on {report['fitted_on']['n']} fields of `{report['fitted_on']['data']}`. Method: "
+              f"{report.get('method', 'not recorded')}. Goals: at most 3% of held-out in-distribution fields "
+              "flagged, at least 95% of probes.")
+    md.append("")
+    rows = [["held-out in-distribution fields", "", _pct(report["held_out_in_distribution_flagged"], 1), "", ""]]
+    for kind, probe in report["probes"].items():
+        rows.append([kind.replace("_", " "), str(probe["n"]), _pct(probe["flagged"], 1),
+                     _pct(probe["flagged_as_out_of_distribution"], 1),
+                     _pct(probe["rescaled"], 1) if "rescaled" in probe else ""])
+    rows.append(["all probes", "", _pct(report["probes_flagged"], 1), "", ""])
+    return md + [_table(["Fields", "n", "Flagged", "By the OOD score", "Resized to the training scale"], rows), ""]
+
+
 def _compute_section(study_dir: Path, full: dict[int, FoldResult]) -> list[str]:
     """Section 8: how long the final model and each CV fold took."""
     seconds = final_training_seconds(study_dir)
@@ -726,12 +744,13 @@ def _summary(oof: OutOfFold, calibration: Calibration, docs_dir: Path, calibrati
 
 
 def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 1000,
-                 baseline: Path | None = None) -> str:
+                 baseline: Path | None = None, ood: dict | None = None) -> str:
     """Write ``docs_dir/results.md`` with plots and ``study_dir/final/calibration.json``; return a summary.
 
     The inputs are archived into ``docs_dir/study`` (:func:`archive_inputs`).
 
     ``baseline`` (another study of the same fields and folds) adds a paired comparison with its full model.
+    ``ood`` (a served model's ``manifest.ood.report``) adds the out-of-distribution probes.
     """
     study_dir, docs_dir = Path(study_dir), Path(docs_dir)
     block_path = study_dir / "cv" / "cv_block.json"
@@ -754,6 +773,7 @@ def write_report(study_dir: Path, docs_dir: Path, *, bootstrap_rounds: int = 100
     md += _segmentation_section(oof.folds)
     md += _compute_section(study_dir, oof.folds)
     md += _shift_section(oof.folds, load_groups(block_path))
+    md += _ood_section(ood)
     (docs_dir / "results.md").write_text("\n".join(md))
     archive_inputs(study_dir, docs_dir / "study")
 

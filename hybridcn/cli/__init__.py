@@ -71,10 +71,13 @@ def _cmd_masks(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from export.repository import read_manifest
     from training.report import write_report
 
     baseline = Path(args.baseline) if args.baseline else None
-    print(write_report(Path(args.study), Path(args.docs), baseline=baseline))
+    check = read_manifest(Path(args.repository)).ood if args.repository else None
+    print(write_report(Path(args.study), Path(args.docs), baseline=baseline,
+                       ood=None if check is None else check.report))
     return 0
 
 
@@ -246,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", default="docs", help="folder for results.md and the plots (default docs)")
     p.add_argument("--baseline", metavar="STUDY",
                    help="another study of the same folds (an earlier recipe): adds a paired comparison of full models")
+    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY),
+                   help="model repository whose out-of-distribution check to tabulate (section 10; '' for none)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("export", help="export a trained model to ONNX and write a Triton model repository")

@@ -316,3 +316,17 @@ def test_the_shift_benchmark_is_reported_calibrated_on_the_other_folds(tmp_path:
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in section.splitlines() if line.startswith("| ")}
     assert rows["contrast"][1].strip() == "+0.00" and rows["contrast"][0] == rows["none"][0]
     assert float(rows["hue blue"][1]) > 15  # the drop in points
+
+
+def test_the_served_models_ood_check_is_tabulated(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    report = {"fitted_on": {"data": "taleqani", "n": 2519}, "held_out_in_distribution_flagged": 0.026,
+              "probes": {"zoom_in_2x": {"n": 150, "flagged": 0.867, "flagged_as_out_of_distribution": 0.23,
+                                        "rescaled": 0.72}},
+              "probes_flagged": 0.952, "method": "Mahalanobis"}
+    write_report(study, tmp_path / "docs", bootstrap_rounds=20, ood=report)
+    section = (tmp_path / "docs" / "results.md").read_text().split("## 10. Out-of-distribution")[1]
+    assert "| held-out in-distribution fields |  | 2.6% |" in section
+    assert "| zoom in 2x | 150 | 86.7% | 23.0% | 72.0% |" in section and "| all probes |  | 95.2% |" in section
+    write_report(study, tmp_path / "none", bootstrap_rounds=20)
+    assert "No check given" in (tmp_path / "none" / "results.md").read_text()
