@@ -27,12 +27,20 @@ def ensemble_tensors(repository: Path, name: str) -> tuple[int, list[tuple[str, 
     return config.max_batch_size, rows
 
 
+def optional_inputs(repository: Path, name: str) -> set[str]:
+    """The inputs of one ensemble that a request may leave out."""
+    config = parse_config((Path(repository) / name / "config.pbtxt").read_text())
+    return {tensor.name for tensor in config.input if tensor.optional}
+
+
 def tensor_table(repository: Path) -> str:
     """The Markdown table of both ensembles' tensors, as the README shows it."""
     lines = ["| ensemble | max batch | in/out | tensor | datatype | shape |", "|---|---|---|---|---|---|"]
     for name in (ENSEMBLE, RAW_ENSEMBLE):
         max_batch, rows = ensemble_tensors(repository, name)
+        optional = optional_inputs(repository, name)
         for direction, tensor, kind, shape in rows:
+            direction = f"{direction} (optional)" if tensor in optional else direction
             lines.append(f"| `{name}` | {max_batch} | {direction} | `{tensor}` | {kind} | "
                          f"`[{', '.join(str(d) for d in shape)}]` |")
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ import base64
 import cv2
 import numpy as np
 
+from engine.occlusion import Evidence
 from hybridcn.contracts import Cell, FieldImages
 from preprocessing import split_cells
 
@@ -57,6 +58,13 @@ def fit_maps(mask: np.ndarray, attention: np.ndarray, shape: tuple[int, ...]) ->
             cv2.resize(attention, size, interpolation=cv2.INTER_AREA))
 
 
+def _resized(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A smooth uint8 map resized to an image of ``shape`` (bilinear: the occlusion windows overlap)."""
+    if values.shape == shape[:2]:
+        return values
+    return cv2.resize(values, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
 def cell_crops(rgb: np.ndarray, boxes: list[tuple[int, int, int, int]], *, limit: int = 12,
                pad: int = 4) -> list[np.ndarray]:
     """64x64 crops of the first ``limit`` cell boxes (x, y, width, height), padded by ``pad`` pixels."""
@@ -68,11 +76,12 @@ def cell_crops(rgb: np.ndarray, boxes: list[tuple[int, int, int, int]], *, limit
 
 
 def field_images(display: np.ndarray, preprocessed: np.ndarray, mask: np.ndarray, attention: np.ndarray,
-                 cells: list[Cell] | None = None, *, steps: list[str] | None = None) -> FieldImages:
-    """Data URLs for the web page and reports (mask and attention as transparent overlays).
+                 cells: list[Cell] | None = None, *, steps: list[str] | None = None,
+                 evidence: Evidence | None = None) -> FieldImages:
+    """Data URLs for the web page and reports (mask, attention and occlusion evidence as transparent overlays).
 
-    ``display`` is the field in scanner pixels; a model that runs at a lower resolution has its mask and
-    attention resized to it. ``cells`` are the result's cell dicts (``bbox`` and ``area`` in field pixels);
+    ``display`` is the field in scanner pixels; a model that runs at a lower resolution has its maps
+    resized to it. ``cells`` are the result's cell dicts (``bbox`` and ``area`` in field pixels);
     without them the mask is split again.
     """
     scale = display.shape[0] / mask.shape[0]
@@ -89,6 +98,8 @@ def field_images(display: np.ndarray, preprocessed: np.ndarray, mask: np.ndarray
         attention=_rgba_png(heatmap(attention)),
         cells=[png_data_url(crop) for crop in cell_crops(display, boxes)],
         preprocessing=steps or [],
+        evidence=None if evidence is None else _rgba_png(heatmap(_resized(evidence.to_uint8(), display.shape))),
+        evidence_peak=None if evidence is None else round(evidence.peak, 4),
     )
 
 

@@ -18,7 +18,7 @@ from engine.field import PreparedField, interpret, prepare_bytes
 from engine.model import ServedModel
 from export.runtime import EnsembleOutput
 from preprocessing import FieldQC, InvalidImageError
-from preprocessing.scale import ScalePlan
+from preprocessing.scale import ScalePlan, check_pixel_size
 
 
 def _pb_utils():
@@ -33,7 +33,8 @@ def _served_model(args: dict) -> ServedModel:
 
 
 class PreprocessModel:
-    """Encoded image bytes -> the preprocessed uint8 field and its QC (JSON), as the gateway prepares it."""
+    """Encoded image bytes (and, optionally, each image's pixel size in um) -> the preprocessed uint8 field
+    and its QC (JSON), as the gateway prepares it."""
 
     def initialize(self, args: dict) -> None:
         self.model = _served_model(args)
@@ -43,8 +44,11 @@ class PreprocessModel:
         responses = []
         for request in requests:
             encoded = pb_utils.get_input_tensor_by_name(request, "image_bytes").as_numpy().reshape(-1)
+            stated = pb_utils.get_input_tensor_by_name(request, "pixel_size_um")
             try:
-                prepared = [prepare_bytes(bytes(item), self.model) for item in encoded]
+                sizes = _pixel_sizes(None if stated is None else stated.as_numpy(), len(encoded))
+                prepared = [prepare_bytes(bytes(item), self.model, pixel_size_um=size)
+                            for item, size in zip(encoded, sizes, strict=True)]
             except InvalidImageError as error:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                     f"{error.code}: {error.message}")))
@@ -55,6 +59,23 @@ class PreprocessModel:
                 pb_utils.Tensor("qc", qc),
             ]))
         return responses
+
+
+def _pixel_sizes(stated: np.ndarray | None, count: int) -> list[float | None]:
+    """The pixel size of each of ``count`` images: none stated (measured from the red cells), or one each.
+
+    A value outside ``PIXEL_SIZE_RANGE_UM`` (or not a number) fails the request as ``bad_pixel_size``,
+    as ``POST /v1/classify`` answers 422: a wrong magnification would rescale the field silently.
+    """
+    if stated is None:
+        return [None] * count
+    values = stated.reshape(-1)
+    if len(values) != count:
+        raise InvalidImageError("bad_pixel_size", f"{len(values)} pixel sizes for {count} images")
+    try:
+        return [check_pixel_size(value) for value in values]
+    except ValueError as error:
+        raise InvalidImageError("bad_pixel_size", str(error)) from error
 
 
 def _carried(prepared: PreparedField) -> dict:

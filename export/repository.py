@@ -36,9 +36,11 @@ class TensorSpec:
     name: str
     data_type: str
     dims: tuple[int, ...]
+    optional: bool = False  # an input a request may leave out
 
     def input(self) -> mc.ModelInput:
-        return mc.ModelInput(name=self.name, data_type=mc.DataType.Value(self.data_type), dims=self.dims)
+        return mc.ModelInput(name=self.name, data_type=mc.DataType.Value(self.data_type), dims=self.dims,
+                             optional=self.optional)
 
     def output(self, label_filename: str = "") -> mc.ModelOutput:
         return mc.ModelOutput(name=self.name, data_type=mc.DataType.Value(self.data_type), dims=self.dims,
@@ -50,6 +52,7 @@ def stage_tensors(image_size: int, feature_width: int, tokens: int, classes: int
     return {
         "image": TensorSpec("image", "TYPE_UINT8", (image_size, image_size, 3)),
         "image_bytes": TensorSpec("image_bytes", "TYPE_STRING", (1,)),
+        "pixel_size_um": TensorSpec("pixel_size_um", "TYPE_FP32", (1,), optional=True),
         "mask": TensorSpec("mask", "TYPE_UINT8", (image_size, image_size)),
         "attention": TensorSpec("attention", "TYPE_UINT8", (image_size, image_size)),
         "segmented_image": TensorSpec("segmented_image", "TYPE_FP32", (3, image_size, image_size)),
@@ -168,7 +171,8 @@ def write_repository(
             label_output="probabilities" if stage == "head" else None,
         ), files)
     # the two Python steps read the model from the manifest beside the ensemble: one source of truth
-    write(model_config("preprocess", [tensors["image_bytes"]], [tensors["image"], tensors["qc"]], target=target,
+    raw_inputs = [tensors["image_bytes"], tensors["pixel_size_um"]]
+    write(model_config("preprocess", raw_inputs, [tensors["image"], tensors["qc"]], target=target,
                        python=True), {"1/model.py": _python_model("PreprocessModel", "engine.triton_models")})
     interpret_inputs = ("probabilities", "mask", "qc", *(OOD_OUTPUTS if with_ood else ()))
     write(model_config("interpret", [tensors[n] for n in interpret_inputs],
@@ -184,10 +188,10 @@ def write_repository(
     ]
     write(ensemble_config(ENSEMBLE, [tensors["image"]], outputs, core_steps),
           {MANIFEST: manifest.model_dump_json(indent=2).encode(), "1/.keep": b""})
-    raw_steps = [("preprocess", {"image_bytes": "image_bytes"}, {"image": "image", "qc": "qc"}), *core_steps,
-                 ("interpret", _identity(interpret_inputs), _identity(INTERPRET_OUTPUTS))]
+    raw_steps = [("preprocess", _identity(("image_bytes", "pixel_size_um")), {"image": "image", "qc": "qc"}),
+                 *core_steps, ("interpret", _identity(interpret_inputs), _identity(INTERPRET_OUTPUTS))]
     raw_outputs = [*outputs, tensors["image"], *(tensors[n] for n in INTERPRET_OUTPUTS)]
-    write(ensemble_config(RAW_ENSEMBLE, [tensors["image_bytes"]], raw_outputs, raw_steps), {"1/.keep": b""})
+    write(ensemble_config(RAW_ENSEMBLE, raw_inputs, raw_outputs, raw_steps), {"1/.keep": b""})
     return written
 
 

@@ -103,9 +103,14 @@ class FieldImages(BaseModel):
     original: str
     preprocessed: str
     mask: str
-    attention: str
+    attention: str = Field(description="the Attention U-Net's finest gate: where the segmentation looked, not what "
+                           "decided the class")
     cells: list[str]
     preprocessing: list[str] = Field(default_factory=list, description="the phase-1 steps behind `preprocessed`")
+    evidence: str | None = Field(None, description="occlusion evidence (`explain=true`): how much hiding each region "
+                                 "lowers the predicted class's margin, brightest at `evidence_peak`")
+    evidence_peak: float | None = Field(None, description="the largest fall of the predicted class's margin "
+                                        "(log of its probability over the runner-up's) when one window is hidden")
 
 
 class FieldResult(BaseModel):

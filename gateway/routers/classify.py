@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, Query, Request
 
 from engine.field import interpret, prepare_bytes
+from engine.occlusion import plan_occlusion
 from engine.overlays import field_images
+from export.repository import MAX_BATCH
 from gateway.dependencies import State
 from gateway.errors import ApiError
 from gateway.schemas import FieldResult, ModelInfo, Problem
@@ -49,6 +53,8 @@ async def classify_field(
     request: Request,
     state: State,
     images: bool = Query(False, description="include PNG data URLs of the field, mask and attention"),
+    explain: bool = Query(False, description="also compute the occlusion evidence map (implies `images`): 49 more "
+                          "runs of the model, about 50 times the cost of the call"),
     pixel_size_um: float | None = Query(
         None, ge=PIXEL_SIZE_RANGE_UM[0], le=PIXEL_SIZE_RANGE_UM[1],
         description="um per pixel of the image; fits it at the training scale (default: measured from its red "
@@ -66,10 +72,17 @@ async def classify_field(
         lambda: interpret(prepared, output, state.model, {"triton": infer_ms}), limiter=state.cpu_limiter
     )
     result.filename = filename
-    if images:
+    evidence = None
+    if explain:
+        explain_start = time.perf_counter()
+        plan = await anyio.to_thread.run_sync(lambda: plan_occlusion(prepared.preprocessed), limiter=state.cpu_limiter)
+        parts = await asyncio.gather(*(state.client.infer(part) for part in plan.batches(MAX_BATCH)))
+        evidence = plan.evidence(output.probabilities[0], np.concatenate([part.probabilities for part in parts]))
+        result.timings_ms["explain"] = round((time.perf_counter() - explain_start) * 1000, 2)
+    if images or explain:
         result.images = await anyio.to_thread.run_sync(
             lambda: field_images(prepared.display, prepared.preprocessed, output.mask[0], output.attention[0],
-                                 result.cells, steps=state.model.preprocess.steps()),
+                                 result.cells, steps=state.model.preprocess.steps(), evidence=evidence),
             limiter=state.cpu_limiter,
         )
     result.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)

@@ -247,7 +247,7 @@
     const query = Number.isFinite(pixelSize) && pixelSize > 0 ? `&pixel_size_um=${pixelSize}` : "";
     let response;
     try {
-      response = await apiFetch(`v1/classify?images=true${query}`, { method: "POST", body: form, headers: { Accept: "application/json" } });
+      response = await apiFetch(`v1/classify?images=true&explain=true${query}`, { method: "POST", body: form, headers: { Accept: "application/json" } });
     } catch (error) {
       showError(card, file, { code: "network", detail: String(error.message || error), status: 0 });
       return;
@@ -322,14 +322,14 @@
         h("p", { class: "review-title" }, "Needs review by a specialist"),
         h("ul", { class: "review-reasons" }, (result.review_reasons || []).map((r) => h("li", { text: humanReason(r) })))));
     }
-    body.push(h("div", { class: "card-grid" }, imagesBlock(index, name, images), analysisBlock(result, images)));
+    body.push(h("div", { class: "card-grid" }, imagesBlock(index, name, images, result.label), analysisBlock(result, images)));
     body.push(detailsBlock(result));
     card.querySelector(".card-body").replaceChildren(...body);
     finishCard(card, "done");
     announce(`${name}: ${className(label)}, ${pct(result.confidence, 0)} confidence${review ? ", needs review" : ""}.`);
   }
 
-  function imagesBlock(index, name, images) {
+  function imagesBlock(index, name, images, label) {
     const overlay = h("img", { class: "overlay", alt: `Segmentation mask overlaid on ${name}`, src: images.mask || "",
       "data-layer": "mask", width: 224, height: 224, draggable: "false" });
     overlay.style.opacity = String(DEFAULT_OPACITY / 100);
@@ -346,7 +346,8 @@
       slider.setAttribute("aria-valuetext", `${slider.value}%`);
     });
 
-    const layers = [["mask", "Mask"], ["attention", "Attention"], ["none", "None"]];
+    const layers = [["mask", "Mask"], ["evidence", "Evidence"], ["attention", "U-Net gate"], ["none", "None"]]
+      .filter(([value]) => value !== "evidence" || images.evidence);
     const radios = layers.map(([value, text]) => h("label", { class: "seg" },
       h("input", { type: "radio", name: `overlay-${index}`, value, checked: value === "mask",
         onchange: () => setLayer(value) }),
@@ -356,7 +357,8 @@
 
     function setLayer(layer) {
       overlay.dataset.layer = layer;
-      caption.textContent = layer === "none" ? "Original" : `Original with ${layer} overlay`;
+      const named = { mask: "mask", evidence: "occlusion evidence", attention: "U-Net gate" };
+      caption.textContent = layer === "none" ? "Original" : `Original with ${named[layer]} overlay`;
       legend.dataset.layer = layer;
       const visible = layer !== "none";
       overlay.hidden = !visible;
@@ -366,6 +368,16 @@
         overlay.alt = `Segmentation mask overlaid on ${name}`;
         legend.replaceChildren(h("span", { class: "legend-swatch legend-mask", "aria-hidden": "true" }),
           h("span", { class: "legend-text", text: "Cells (segmentation mask)" }));
+      } else if (layer === "evidence") {
+        overlay.src = images.evidence || "";
+        overlay.alt = `Occlusion evidence for ${className(label)} overlaid on ${name}`;
+        const peak = images.evidence_peak || 0;
+        legend.replaceChildren(
+          h("span", { class: "legend-text", text: `Hiding it lowers the ${className(label)} call: not at all` }),
+          h("span", { class: "legend-ramp", "aria-hidden": "true" }),
+          h("span", { class: "legend-text", text: peak >= 0.1
+            ? `most (log-odds −${peak.toFixed(2)})`
+            : `at most log-odds −${peak.toFixed(2)}: no region decides it` }));
       } else if (layer === "attention") {
         overlay.src = images.attention || "";
         overlay.alt = `Attention U-Net attention map overlaid on ${name}`;

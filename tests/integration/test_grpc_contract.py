@@ -86,6 +86,43 @@ def test_a_bad_upload_names_the_gateways_error_code(triton_server):
         client.infer(RAW_ENSEMBLE, [tensor])
 
 
+def _raw_request(images: list[bytes], pixel_sizes: list[float] | None = None) -> list:
+    tensor = grpcclient.InferInput("image_bytes", [len(images), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[data] for data in images], dtype=object))
+    if pixel_sizes is None:
+        return [tensor]
+    stated = grpcclient.InferInput("pixel_size_um", [len(images), 1], "FP32")
+    stated.set_data_from_numpy(np.array([[v] for v in pixel_sizes], np.float32))
+    return [tensor, stated]
+
+
+def test_the_raw_ensemble_takes_an_optional_pixel_size_as_rest_does(gateway, triton_server):
+    """A field at twice the training magnification: stated, it is fitted like REST's ``?pixel_size_um``;
+    left out, it is measured from the red cells; a stated size that cannot be right fails the request."""
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    field = synth_field(1, seed=74).image
+    zoomed = encode(np.ascontiguousarray(np.kron(field[56:168, 56:168], np.ones((2, 2, 1), np.uint8))))
+    training_um = httpx.get(f"{gateway.url}/v1/model", timeout=10).json()["pixel_size_um"]
+    stated = float(np.float32(training_um / 2))
+    for pixel_sizes, params in (([stated], {"pixel_size_um": stated}), (None, {})):
+        raw = client.infer(RAW_ENSEMBLE, _raw_request([zoomed], pixel_sizes))
+        served = json.loads(raw.as_numpy("result")[0, 0])
+        rest = httpx.post(f"{gateway.url}/v1/classify", params=params, content=zoomed, timeout=60).json()
+        assert served["pixel_size_um"] == pytest.approx(rest["pixel_size_um"], rel=1e-6), pixel_sizes
+        assert served.get("rescaled_by") == rest.get("rescaled_by") and served["label"] == rest["label"]
+        np.testing.assert_allclose(raw.as_numpy("probabilities")[0], list(rest["probabilities"].values()), atol=1e-5)
+    assert served["pixel_size_um"] != pytest.approx(stated, abs=1e-3)  # measured, not the stated value
+    # one size per image in a batch; a size out of range or not a number fails its request only
+    pair = client.infer(RAW_ENSEMBLE, _raw_request([zoomed, zoomed], [stated, training_um]))
+    first, second = (json.loads(r[0]) for r in pair.as_numpy("result"))
+    assert first["pixel_size_um"] == pytest.approx(stated, abs=1e-4)  # results round to 4 decimals
+    assert second["pixel_size_um"] == pytest.approx(training_um, abs=1e-4)
+    for bad in (0.0, float("nan"), 50.0):
+        with pytest.raises(Exception, match="bad_pixel_size"):
+            client.infer(RAW_ENSEMBLE, _raw_request([zoomed], [bad]))
+    assert client.infer(RAW_ENSEMBLE, _raw_request([zoomed])).as_numpy("result").shape == (1, 1)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         try:

@@ -114,6 +114,32 @@ def test_gateway_classifies_multipart_and_raw_uploads(gateway, fields, model, in
     assert multipart.json()["images"]["mask"].startswith("data:image/png;base64,")
 
 
+def test_explain_serves_the_occlusion_evidence_of_the_served_model(gateway, fields, model, preprocessed):
+    """The evidence layer comes from the served ensemble: the same map as the in-process ONNX models give."""
+    import base64
+
+    import cv2
+
+    from engine.occlusion import occlusion_evidence
+
+    response = httpx.post(f"{gateway.url}/v1/classify", params={"explain": "true"}, content=encode(fields[2]),
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    images = body["images"]  # explain implies images
+    assert images["mask"].startswith("data:image/png;base64,") and "explain" in body["timings_ms"]
+    ensemble = OnnxEnsemble(REPOSITORY)
+    local = occlusion_evidence(lambda x: ensemble.infer(x).probabilities, preprocessed[2],
+                               ensemble.infer(preprocessed[2][None]).probabilities[0])
+    assert images["evidence_peak"] == pytest.approx(local.peak, abs=1e-3) and local.peak > 0
+    served = cv2.imdecode(np.frombuffer(base64.b64decode(images["evidence"].split(",", 1)[1]), np.uint8),
+                          cv2.IMREAD_UNCHANGED)[..., 3].astype(int)
+    expected = cv2.resize(local.to_uint8(), served.shape[::-1], interpolation=cv2.INTER_LINEAR)  # model -> field px
+    assert np.abs(served - (expected.astype(np.float32) * 0.85).astype(int)).max() <= 2
+    plain = httpx.post(f"{gateway.url}/v1/classify", params={"images": "true"}, content=encode(fields[2]), timeout=60)
+    assert "evidence" not in plain.json()["images"] and plain.json()["label"] == body["label"]
+
+
 def _tiff16(size: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray((np.arange(size * size).reshape(size, size) % 65535).astype(np.uint16)).save(buffer, "TIFF")

@@ -131,11 +131,21 @@ def test_page_classifies_a_field_and_switches_overlays(browsing, gateway, field_
     expect(overlay).to_have_attribute("data-layer", "mask")
     mask_src = overlay.get_attribute("src")
     assert mask_src.startswith("data:image/png;base64,")
-    card.locator("label.seg", has_text="Attention").click()
+    card.locator("label.seg", has_text="U-Net gate").click()
     expect(overlay).to_have_attribute("data-layer", "attention")
     assert overlay.get_attribute("src").startswith("data:image/png;base64,")
     assert overlay.get_attribute("src") != mask_src
-    expect(card.get_by_role("radio", name="Attention")).to_be_checked()
+    expect(card.get_by_role("radio", name="U-Net gate")).to_be_checked()
+    expect(card.locator(".overlay-legend")).to_contain_text("not what decided the class")
+    # the occlusion evidence the page asked for (explain=true): the served map, its legend names the call
+    explained = httpx.post(f"{gateway.url}/v1/classify?explain=true",
+                           files={"file": ("field-0.png", field_png.read_bytes())}, timeout=120).json()
+    card.locator("label.seg", has_text="Evidence").click()
+    expect(overlay).to_have_attribute("data-layer", "evidence")
+    expect(overlay).to_have_attribute("src", explained["images"]["evidence"])
+    expect(card.locator(".overlay-legend")).to_contain_text(f"lowers the {names[api['label']]} call")
+    expect(card.locator(".overlay-legend")).to_contain_text(f"{explained['images']['evidence_peak']:.2f}")
+    expect(card.locator("figcaption").first).to_have_text("Original with occlusion evidence overlay")
 
     card.get_by_label("Opacity").fill("80")
     expect(overlay).to_have_css("opacity", "0.8")
@@ -149,7 +159,7 @@ def test_page_classifies_a_field_and_switches_overlays(browsing, gateway, field_
     expect(overlay).to_have_attribute("src", mask_src)
 
     assert browsing.foreign_requests() == []
-    assert any(url.endswith("/v1/classify?images=true") for url in browsing.requests)
+    assert any(url.endswith("/v1/classify?images=true&explain=true") for url in browsing.requests)
 
 
 def test_a_field_at_another_magnification_is_explained_and_a_stated_pixel_size_is_sent(browsing, gateway, fields,
