@@ -64,7 +64,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                                       interval_s=settings.supervise_interval_s)
         await supervisor.check()
         app.state.gateway = GatewayState(settings, model, client, GatewayMetrics(), anyio.CapacityLimiter(threads),
-                                         queue, supervisor)
+                                         queue, supervisor, anyio.CapacityLimiter(settings.max_explaining))
         app.state.triton_server = server
         app.state.endpoints = {"triton_grpc": url, **({"triton_http": server.http_url,
                                                        "triton_metrics": f"{server.host}:{server.metrics_port}"}

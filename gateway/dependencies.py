@@ -25,6 +25,7 @@ class GatewayState:
     cpu_limiter: anyio.CapacityLimiter
     jobs: JobQueue
     supervisor: TritonSupervisor
+    explain_limiter: anyio.CapacityLimiter  # ``settings.max_explaining`` occlusion maps at once
 
 
 def get_state(request: Request) -> GatewayState:

@@ -30,21 +30,22 @@ HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 4
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    def problem(request: Request, status: int, code: str, detail: str) -> JSONResponse:
+    def problem(request: Request, status: int, code: str, detail: str,
+                headers: dict[str, str] | None = None) -> JSONResponse:
         state = getattr(request.app.state, "gateway", None)
         if state is not None:
             state.metrics.requests.labels(code).inc()
-        return JSONResponse({"code": code, "detail": detail}, status_code=status)
+        return JSONResponse({"code": code, "detail": detail}, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return problem(request, error.status, error.code, error.detail)
+        return problem(request, error.status, error.code, error.detail, error.headers)
 
     @app.exception_handler(InvalidImageError)
     async def invalid_image(request: Request, error: InvalidImageError) -> JSONResponse:

@@ -25,6 +25,8 @@ class GatewaySettings(BaseSettings):
     inflight: int = Field(16, gt=0, description="concurrent Triton requests per gateway process")
     max_queue: int = Field(32, gt=0, description="classification requests in progress at once; more get 503 "
                            "`overloaded` with Retry-After (admission control)")
+    max_explaining: int = Field(2, gt=0, description="`explain=true` requests computing their evidence at once (each "
+                                "is about 50 classifications); more get 503 `explain_busy` with Retry-After")
     body_timeout_s: float = Field(30.0, gt=0, description="time a client has to send its whole request body")
     max_job_bytes: int = Field(1024 * 1024 * 1024, gt=0, description="largest POST /v1/jobs body (all files)")
     max_job_files: int = Field(1000, gt=0, description="most files in one POST /v1/jobs")

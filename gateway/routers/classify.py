@@ -75,8 +75,14 @@ async def classify_field(
     evidence = None
     if explain:
         explain_start = time.perf_counter()
-        plan = await anyio.to_thread.run_sync(lambda: plan_occlusion(prepared.preprocessed), limiter=state.cpu_limiter)
-        parts = await asyncio.gather(*(state.client.infer(part) for part in plan.batches(MAX_BATCH)))
+        limiter = state.explain_limiter
+        if limiter.available_tokens < 1:  # each map is ~50 classifications: refuse at once rather than queue
+            raise ApiError(503, "explain_busy", f"{int(limiter.total_tokens)} evidence maps are being computed; retry "
+                           "shortly, or classify without explain=true", headers={"Retry-After": "2"})
+        async with limiter:
+            plan = await anyio.to_thread.run_sync(lambda: plan_occlusion(prepared.preprocessed),
+                                                  limiter=state.cpu_limiter)
+            parts = await asyncio.gather(*(state.client.infer(part) for part in plan.batches(MAX_BATCH)))
         evidence = plan.evidence(output.probabilities[0], np.concatenate([part.probabilities for part in parts]))
         result.timings_ms["explain"] = round((time.perf_counter() - explain_start) * 1000, 2)
     if images or explain:

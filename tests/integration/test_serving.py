@@ -140,6 +140,29 @@ def test_explain_serves_the_occlusion_evidence_of_the_served_model(gateway, fiel
     assert "evidence" not in plain.json()["images"] and plain.json()["label"] == body["label"]
 
 
+def test_explain_requests_beyond_the_limit_are_refused_at_once_and_plain_ones_still_served(gateway, fields):
+    """Each evidence map is ~50 classifications: past ``max_explaining`` (2) at once the gateway answers 503
+    ``explain_busy`` with Retry-After instead of queueing, and classifications without explain go on."""
+    import asyncio
+
+    png = encode(fields[3])
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            explain = [client.post(f"{gateway.url}/v1/classify", params={"explain": "true"}, content=png)
+                       for _ in range(8)]
+            plain = [client.post(f"{gateway.url}/v1/classify", content=png) for _ in range(2)]
+            return await asyncio.gather(*explain, *plain)
+
+    responses = asyncio.run(burst())
+    explained, plain = responses[:8], responses[8:]
+    assert all(r.status_code == 200 for r in plain)
+    busy = [r for r in explained if r.status_code == 503]
+    assert {r.status_code for r in explained} <= {200, 503} and 1 <= len(busy) <= 6
+    assert all(r.json()["code"] == "explain_busy" and r.headers["retry-after"] == "2" for r in busy)
+    assert all(r.json()["images"]["evidence"] for r in explained if r.status_code == 200)
+
+
 def _tiff16(size: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray((np.arange(size * size).reshape(size, size) % 65535).astype(np.uint16)).save(buffer, "TIFF")
