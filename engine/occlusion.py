@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export.repository import MAX_BATCH
 from preprocessing.stain import background_colour
 
 #: Window side and stride as fractions of the field side: 7 x 7 overlapping windows of a quarter field.
@@ -120,7 +121,7 @@ def plan_occlusion(field: np.ndarray) -> OcclusionPlan:
 
 
 def occlusion_evidence(infer: Callable[[np.ndarray], np.ndarray], field: np.ndarray, probabilities: np.ndarray,
-                       *, batch: int = 16) -> Evidence:
+                       *, batch: int = MAX_BATCH) -> Evidence:
     """:class:`Evidence` for the predicted class of ``field`` with a synchronous model.
 
     ``infer`` maps a uint8 batch ``(N, H, W, 3)`` to class probabilities ``(N, C)``; ``probabilities`` are

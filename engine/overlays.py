@@ -51,18 +51,15 @@ def _rgba_png(rgba: np.ndarray) -> str:
 
 def fit_maps(mask: np.ndarray, attention: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """The model's mask and attention map resized to an image of ``shape`` (a field in scanner pixels, a thumbnail)."""
-    if mask.shape == shape[:2]:
-        return mask, attention
-    size = (shape[1], shape[0])
-    return (cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST),
-            cv2.resize(attention, size, interpolation=cv2.INTER_AREA))
+    return _resized(mask, shape, cv2.INTER_NEAREST), _resized(attention, shape, cv2.INTER_AREA)
 
 
-def _resized(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A smooth uint8 map resized to an image of ``shape`` (bilinear: the occlusion windows overlap)."""
+def _resized(values: np.ndarray, shape: tuple[int, ...], interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """A uint8 map resized to an image of ``shape`` (unchanged when it already fits); bilinear by default,
+    for the occlusion evidence, whose windows overlap."""
     if values.shape == shape[:2]:
         return values
-    return cv2.resize(values, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(values, (shape[1], shape[0]), interpolation=interpolation)
 
 
 def cell_crops(rgb: np.ndarray, boxes: list[tuple[int, int, int, int]], *, limit: int = 12,
