@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from preprocessing.shifts import SHIFTS
 from training.report import (
     FoldResult,
     block_paired_test,
@@ -112,12 +113,29 @@ def test_write_report_writes_tables_plots_and_calibration(tmp_path: Path) -> Non
 
 def test_the_archived_inputs_reproduce_the_report(tmp_path: Path) -> None:
     study = _study(tmp_path, random_split=True)
+    cv_path = study / "cv" / "cv_block.json"
+    cv = json.loads(cv_path.read_text())
+    clean = np.asarray(cv["folds"]["0"]["full"]["logits"])
+    cv["folds"]["0"]["full"]["shifted_logits"] = {"seed": 0, **{kind: (clean * 0.9).tolist() for kind in SHIFTS}}
+    cv_path.write_text(json.dumps(cv))
     docs = tmp_path / "docs"
     write_report(study, docs, bootstrap_rounds=50)
 
     archive = docs / "study"
-    for name in ("cv/cv_block.json", "cv/cv_random.json", "shortcuts.json"):
-        assert json.loads((archive / name).read_text()) == json.loads((study / name).read_text()), name
+    assert json.loads((archive / "shortcuts.json").read_text()) == json.loads((study / "shortcuts.json").read_text())
+    for name in ("cv/cv_block.json", "cv/cv_random.json"):
+        stored, original = json.loads((archive / name).read_text()), json.loads((study / name).read_text())
+        assert len((archive / name).read_text()) < 0.7 * len((study / name).read_text())
+        for fold, variants in original["folds"].items():
+            for variant, entry in variants.items():
+                kept = stored["folds"][fold][variant]
+                pairs = [(kept.pop("logits"), entry.pop("logits"))]
+                for kind in SHIFTS if "shifted_logits" in entry else ():
+                    pairs.append((kept["shifted_logits"].pop(kind), entry["shifted_logits"].pop(kind)))
+                for rounded, full in pairs:
+                    rounded, full = np.asarray(rounded), np.asarray(full)
+                    assert np.abs(rounded - full).max() <= 5e-5 and np.array_equal(np.round(rounded, 4), rounded)
+                assert kept == entry, (name, fold, variant)  # everything but the logits is kept as it was
     config = json.loads((archive / "final" / "config.json").read_text())
     assert config.pop("train_seconds") == 210.9  # from the study's log, which is not archived
     assert config == json.loads((study / "final" / "config.json").read_text())
@@ -297,7 +315,6 @@ def test_the_shift_benchmark_is_reported_calibrated_on_the_other_folds(tmp_path:
     cv = json.loads(cv_path.read_text())
     rng = np.random.default_rng(5)
     labels = np.asarray(cv["labels"])
-    from preprocessing.shifts import SHIFTS
 
     for fold in ("0", "1", "2"):
         entry = cv["folds"][fold]["full"]
