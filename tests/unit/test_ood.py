@@ -15,7 +15,7 @@ from export.ood import fit_density, held_out_scores, threshold_from, write_ood_g
 from export.runtime import OnnxEnsemble, onnx_session
 from hybridcn.synth import synth_field
 from preprocessing.fieldstats import STATISTICS, blob_scale, field_statistics
-from preprocessing.probes import PROBES, probe_field
+from preprocessing.probes import PROBES, nucleated_cores, probe_field
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,6 +47,21 @@ def test_probes_are_deterministic_and_field_sized():
         image = probe_field(field, kind, seed=0, field=2)
         assert image.shape == field.shape and image.dtype == np.uint8, kind
         assert np.array_equal(image, probe_field(field, kind, seed=0, field=2)), kind
+
+
+def test_the_single_cell_probe_crops_the_white_cell_not_a_clump_of_red_cells():
+    # a pale field of red cells, touching in a long clump on the left, and one purple white cell at (160, 60)
+    field = np.full((224, 224, 3), (246, 242, 238), np.uint8)
+    for x in range(16, 112, 14):
+        for y in (40, 54, 68, 82, 96, 110, 124, 138, 152, 166):
+            cv2.circle(field, (x, y), 8, (205, 175, 190), -1)
+    cv2.circle(field, (160, 60), 14, (120, 70, 170), -1)
+    cores = nucleated_cores(field)
+    assert len(cores) == 1 and abs(cores[0][0] + cores[0][2] / 2 - 160) <= 2
+    probe = probe_field(field, "single_cell", seed=0, field=0)
+    purple = (probe[..., 2].astype(int) - probe[..., 1] > 60) & (probe[..., 1] < 110)
+    # the crop is twice the cell's side, so the cell fills about pi/16 of it, centred; no red-cell clump
+    assert purple[100:124, 100:124].all() and 0.12 < purple.mean() < 0.3
 
 
 def test_the_cell_scale_follows_the_magnification():
