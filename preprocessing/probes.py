@@ -53,6 +53,17 @@ def nucleated_cores(rgb: np.ndarray) -> np.ndarray:
     return stats[np.argsort(-stats[:, cv2.CC_STAT_AREA], kind="stable")]
 
 
+def crop_around(rgb: np.ndarray, core: np.ndarray, margin: float) -> np.ndarray:
+    """A square of ``margin`` times the larger side of ``core`` (an ``(x, y, width, height, area)`` row),
+    centred on it and shifted inside the image where it would cross an edge."""
+    h, w = rgb.shape[:2]
+    x, y, bw, bh, _ = core
+    side = min(h, w, int(max(bw, bh) * margin))
+    x0 = int(np.clip(x + bw // 2 - side // 2, 0, w - side))
+    y0 = int(np.clip(y + bh // 2 - side // 2, 0, h - side))
+    return rgb[y0 : y0 + side, x0 : x0 + side]
+
+
 def single_cell(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One white cell cropped with a margin and enlarged to fill the field, as single-cell datasets show one.
 
@@ -63,11 +74,7 @@ def single_cell(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cores = nucleated_cores(rgb)
     if not len(cores):
         return zoom_in(zoom_in(rgb, rng), rng)
-    x, y, bw, bh, _ = cores[0]
-    side = min(h, w, 2 * max(bw, bh))
-    x0 = int(np.clip(x + bw // 2 - side // 2, 0, w - side))
-    y0 = int(np.clip(y + bh // 2 - side // 2, 0, h - side))
-    return cv2.resize(rgb[y0 : y0 + side, x0 : x0 + side], (w, h), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(crop_around(rgb, cores[0], 2.0), (w, h), interpolation=cv2.INTER_CUBIC)
 
 
 def _background(rgb: np.ndarray, value: int) -> np.ndarray:

@@ -26,19 +26,11 @@ from engine.field import interpret, prepare_array  # noqa: E402
 from engine.model import ServedModel  # noqa: E402
 from export.runtime import OnnxEnsemble  # noqa: E402
 from preprocessing import InvalidImageError  # noqa: E402
-from preprocessing.probes import nucleated_cores  # noqa: E402
+from preprocessing.probes import crop_around, nucleated_cores  # noqa: E402
 from training.data import find_samples, read_rgb  # noqa: E402
 
 REPOSITORY = ROOT / "model_repository"
 VARIANTS = [(margin, size) for margin in (1.3, 2.0, 3.0) for size in (None, 257)]
-
-
-def crop(rgb: np.ndarray, core: np.ndarray, margin: float) -> np.ndarray:
-    x, y, w, h, _ = core
-    side = min(*rgb.shape[:2], int(max(w, h) * margin))
-    x0 = int(np.clip(x + w // 2 - side // 2, 0, rgb.shape[1] - side))
-    y0 = int(np.clip(y + h // 2 - side // 2, 0, rgb.shape[0] - side))
-    return rgb[y0 : y0 + side, x0 : x0 + side]
 
 
 def main() -> int:
@@ -60,7 +52,7 @@ def main() -> int:
             continue
         for margin, size in VARIANTS:
             name = f"margin {margin}x, {'as cropped' if size is None else f'{size} px'}"
-            image = crop(rgb, cores[0], margin)
+            image = crop_around(rgb, cores[0], margin)
             if size is not None:
                 image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
             try:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from training.calibration import TARGET_PRECISION, fit_temperature  # noqa: E402
-from training.metrics import softmax  # noqa: E402
+from training.metrics import precision_cutoff, softmax  # noqa: E402
 
 
 def score(logits: np.ndarray, temperature: float, kind: str) -> np.ndarray:
@@ -42,10 +42,8 @@ def cutoffs(scores: np.ndarray, predicted: np.ndarray, correct: np.ndarray, per_
     """Lowest accepted score per predicted class, or under ``-1`` one shared value (the served rule: the
     largest most-confident prefix that meets the target precision)."""
     if not per_class:
-        order = np.argsort(-scores)
-        precision = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
-        meets = np.nonzero(precision >= TARGET_PRECISION)[0]
-        return {-1: float(scores[order][meets.max()]) if len(meets) else np.inf}
+        cutoff = precision_cutoff(scores, correct, TARGET_PRECISION)
+        return {-1: np.inf if cutoff is None else cutoff}
     groups = np.unique(predicted)
     best: tuple[int, dict[int, float]] | None = None
     for price in np.geomspace(1e-3, 1.0, 300):  # accepted fields an error is worth

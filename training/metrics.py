@@ -152,15 +152,21 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
+def precision_cutoff(scores: np.ndarray, correct: np.ndarray, target_precision: float) -> float | None:
+    """Lowest score of the largest highest-scoring prefix whose share of ``correct`` meets the target, or
+    ``None`` when no prefix does."""
+    order = np.argsort(-scores)
+    cumulative = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    ok = np.nonzero(cumulative >= target_precision)[0]
+    return float(scores[order][ok.max()]) if len(ok) else None
+
+
 def review_threshold(labels: np.ndarray, probabilities: np.ndarray, *, target_precision: float = 0.995) -> dict:
     """Lowest confidence threshold at which auto-accepted fields (confidence >= t) are >= target precise."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
-    order = np.argsort(-confidence)
-    cumulative = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
-    ok = np.nonzero(cumulative >= target_precision)[0]
-    # the largest most-confident prefix whose precision meets the target
-    threshold = float(confidence[order][ok.max()]) if len(ok) else 1.0
+    threshold = precision_cutoff(confidence, correct, target_precision)
+    threshold = 1.0 if threshold is None else threshold
     accepted = confidence >= threshold
     return {
         "threshold": threshold,
